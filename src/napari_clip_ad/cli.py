@@ -1,0 +1,55 @@
+"""Command-line front door: ``napari-clip-ad <command> ...``.
+
+Each command lives in :mod:`napari_clip_ad.commands` as a module with ``register(subparsers)``.
+User errors (:class:`~napari_clip_ad.errors.ClipAdError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import ClipAdError
+
+COMMAND_MODULES = ("sample", "evaluate", "infer", "weights", "demo", "train", "study", "report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with every available command."""
+    parser = argparse.ArgumentParser(
+        prog="napari-clip-ad",
+        description="CLIP-based zero-shot anomaly detection on brain MRI (BraTS).",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-clip-ad {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f".commands.{name}", __package__)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.endswith(f"commands.{name}"):
+                continue  # command not part of this build yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except ClipAdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

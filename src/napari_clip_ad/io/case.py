@@ -1,0 +1,271 @@
+"""One MRI case (modalities, labels, brain mask) in canonical orientation, from any known layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from .layouts import LAYOUTS, MODALITIES, NIFTI_EXTENSIONS, Layout, expected_names
+from .nifti import Geometry, check_finite, labels_from, read_nifti, save_nifti, strip_nifti_ext
+
+
+@dataclass
+class Case:
+    """A loaded case. Every array is canonical ``[z, y, x]`` (see :mod:`napari_clip_ad.io.nifti`).
+
+    Attributes:
+        case_id: The case folder's name (or the Decathlon file's stem).
+        path: What was loaded (folder, or 4D file).
+        layout: Name of the layout it was read with.
+        images: Modality (``t1n``, ``t1c``, ``t2w``, ``t2f``) -> float32 volume.
+        seg: int16 labels, or None when the case has none.
+        brain_mask: bool volume: the provided mask, else the nonzero voxels of the loaded images.
+        geometry: Affine, header and orientation of the source files.
+        files: What each part was read from.
+    """
+
+    case_id: str
+    path: Path
+    layout: str
+    images: dict[str, np.ndarray]
+    seg: np.ndarray | None
+    brain_mask: np.ndarray
+    geometry: Geometry
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Canonical shape (z, y, x)."""
+        return self.geometry.shape
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm, canonical order (z, y, x)."""
+        return self.geometry.spacing
+
+    @property
+    def whole_tumour(self) -> np.ndarray | None:
+        """Whole-tumour mask: any label > 0 (1/2/3, and 4 in the old scheme); None without labels."""
+        return None if self.seg is None else self.seg > 0
+
+    def image(self, modality: str) -> np.ndarray:
+        """The volume of one modality, with a clear error when it is missing."""
+        if modality not in MODALITIES:
+            raise InputError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)} (FLAIR = t2f)")
+        if modality not in self.images:
+            have = ", ".join(self.images) or "none"
+            raise InputError(f"{self.path}: case {self.case_id} has no {modality} image (it has: {have})")
+        return self.images[modality]
+
+
+def _match(folder: Path, patterns: tuple[str, ...], case_id: str) -> Path | None:
+    for pattern in patterns:
+        stem = pattern.replace("{id}", case_id)
+        hits = sorted({p for ext in NIFTI_EXTENSIONS for p in folder.glob(stem + ext) if p.is_file()})
+        if len(hits) > 1:
+            names = ", ".join(p.name for p in hits)
+            raise InputError(f"{folder}: pattern {stem!r} matches several files ({names}); keep one per case")
+        if hits:
+            return hits[0]
+    return None
+
+
+@dataclass
+class _Found:
+    layout: Layout
+    root: Path
+    case_id: str
+    files: dict[str, Path]
+
+
+def _resolve(path: Path) -> _Found:
+    """Find the layout and files of a case folder (or of a Decathlon 4D file)."""
+    if path.is_file():
+        case_id = strip_nifti_ext(path.name)
+        root = path.parent.parent
+        for layout in LAYOUTS:
+            if any(_match(root, (p,), case_id) == path for p in layout.stacked):
+                return _found_in(layout, root, case_id)
+        raise InputError(f"{path}: a single file is not a case; give its case folder ({expected_names()})")
+    if not path.is_dir():
+        raise InputError(f"{path}: no such case folder")
+    best: _Found | None = None
+    for layout in LAYOUTS:
+        found = _found_in(layout, path, path.name)
+        if best is None or _n_modalities(found) > _n_modalities(best):
+            best = found
+    if best is None or _n_modalities(best) == 0:
+        raise InputError(f"{path}: no recognisable modality file; expected one of: {expected_names()}")
+    return best
+
+
+def _n_modalities(found: _Found) -> int:
+    if "stacked" in found.files:
+        return len(found.layout.channels)
+    return sum(m in found.files for m in MODALITIES)
+
+
+def _found_in(layout: Layout, root: Path, case_id: str) -> _Found:
+    files: dict[str, Path] = {}
+    for modality, patterns in layout.modalities.items():
+        hit = _match(root, patterns, case_id)
+        if hit is not None:
+            files[modality] = hit
+    if layout.stacked:
+        hit = _match(root, layout.stacked, case_id)
+        if hit is not None:
+            files["stacked"] = hit
+    for part, patterns in (("seg", layout.seg), ("brain_mask", layout.brain_mask)):
+        hit = _match(root, patterns, case_id) if patterns else None
+        if hit is not None:
+            files[part] = hit
+    return _Found(layout, root, case_id, files)
+
+
+def load_case(path: str | Path, modalities: tuple[str, ...] | list[str] | None = None) -> Case:
+    """Load a case folder in any known layout (or a Decathlon 4D image file).
+
+    Args:
+        path: Case folder (its name is the case id), or ``imagesTr/<id>.nii.gz`` of a Decathlon set.
+        modalities: Load only these (BraTS 2023 names); all available when None.
+
+    Returns:
+        The case, canonical orientation, with its source geometry.
+
+    Raises:
+        InputError: Missing folder, no modality, unreadable or corrupt file, wrong dimensions, images
+            or labels on different grids, NaN/inf voxels, unknown label values.
+    """
+    path = Path(path)
+    for modality in modalities or ():
+        if modality not in MODALITIES:
+            raise InputError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)} (FLAIR = t2f)")
+    found = _resolve(path)
+    wanted = list(modalities) if modalities else list(MODALITIES)
+    images: dict[str, np.ndarray] = {}
+    files: dict[str, Path] = {}
+    geometry: Geometry | None = None
+    if "stacked" in found.files:
+        stacked = found.files["stacked"]
+        data, img = read_nifti(stacked, ndim=4)
+        geometry = Geometry.from_image(img)
+        for modality in wanted:
+            channel = found.layout.channels.get(modality)
+            if channel is not None and channel < data.shape[3]:
+                volume = np.asarray(data[..., channel], dtype=np.float32)
+                check_finite(volume, stacked)
+                images[modality] = np.ascontiguousarray(geometry.to_canonical(volume))
+                files[modality] = stacked
+    else:
+        for modality in wanted:
+            if modality not in found.files:
+                continue
+            data, img = read_nifti(found.files[modality])
+            here = Geometry.from_image(img)
+            if geometry is None:
+                geometry = here
+            elif not here.same_grid(geometry):
+                raise InputError(f"{found.files[modality]}: shape or affine differs from the case's other images; resample it to their grid")
+            volume = np.asarray(data, dtype=np.float32)
+            check_finite(volume, found.files[modality])
+            images[modality] = np.ascontiguousarray(geometry.to_canonical(volume))
+            files[modality] = found.files[modality]
+    if geometry is None or not images:
+        have = ", ".join(m for m in MODALITIES if m in found.files) or "none"
+        raise InputError(f"{path}: none of the requested modalities {wanted} found (available: {have})")
+    seg = _load_labels(found, geometry, files)
+    brain = _load_brain_mask(found, geometry, files, images)
+    return Case(found.case_id, path, found.layout.name, images, seg, brain, geometry, files)
+
+
+def _aligned(part_path: Path, geometry: Geometry, what: str) -> np.ndarray:
+    data, img = read_nifti(part_path)
+    if not Geometry.from_image(img).same_grid(geometry):
+        raise InputError(f"{part_path}: {what} shape {tuple(img.shape)} or affine differs from the image; it must share the image grid")
+    return data
+
+
+def _load_labels(found: _Found, geometry: Geometry, files: dict[str, Path]) -> np.ndarray | None:
+    seg_path = found.files.get("seg")
+    if seg_path is None:
+        return None
+    labels = labels_from(_aligned(seg_path, geometry, "segmentation"), seg_path, found.layout.label_values)
+    files["seg"] = seg_path
+    return np.ascontiguousarray(geometry.to_canonical(labels))
+
+
+def _load_brain_mask(found: _Found, geometry: Geometry, files: dict[str, Path], images: dict[str, np.ndarray]) -> np.ndarray:
+    mask_path = found.files.get("brain_mask")
+    if mask_path is not None:
+        data = _aligned(mask_path, geometry, "brain mask")
+        check_finite(data, mask_path)
+        files["brain_mask"] = mask_path
+        return np.ascontiguousarray(geometry.to_canonical(np.asarray(data) > 0))
+    brain = np.zeros(geometry.shape, dtype=bool)
+    for volume in images.values():
+        brain |= volume != 0
+    return brain
+
+
+def save_volume(array: np.ndarray, like: Case | Geometry, path: str | Path) -> Path:
+    """Write a canonical array as NIfTI aligned with a case's source files (same affine, shape, axes).
+
+    Args:
+        array: Canonical ``[z, y, x]`` array of the case's shape; its dtype is kept.
+        like: The case (or geometry) it belongs to.
+        path: Output ``.nii.gz`` / ``.nii`` path; written atomically.
+
+    Returns:
+        The path written.
+    """
+    geometry = like.geometry if isinstance(like, Case) else like
+    return save_nifti(array, geometry, path)
+
+
+def case_id_of(path: str | Path) -> str:
+    """The case id of a case folder (its name) or Decathlon file (its stem)."""
+    path = Path(path)
+    return strip_nifti_ext(path.name) if path.is_file() else path.name
+
+
+def _is_case_folder(folder: Path) -> bool:
+    try:
+        return _n_modalities(_resolve(folder)) > 0
+    except InputError:
+        return False
+
+
+def find_cases(root: str | Path, max_depth: int = 3) -> list[Path]:
+    """Case folders (and Decathlon 4D files) under ``root``, sorted by case id.
+
+    Args:
+        root: A case folder, a cohort folder, or a Decathlon task folder.
+        max_depth: How many folder levels to search below ``root``.
+
+    Raises:
+        InputError: ``root`` is missing or holds no case.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: no such folder")
+    found: list[Path] = []
+    for layout in LAYOUTS:
+        for pattern in layout.stacked:
+            for ext in NIFTI_EXTENSIONS:
+                found.extend(p for p in root.glob(pattern.replace("{id}", "*") + ext) if p.is_file())
+    if not found:
+        frontier = [root]
+        for _ in range(max_depth + 1):
+            next_frontier = []
+            for folder in frontier:
+                if _is_case_folder(folder):
+                    found.append(folder)
+                else:
+                    next_frontier.extend(sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
+            frontier = next_frontier
+    if not found:
+        raise InputError(f"{root}: no case found; expected case folders in one of: {expected_names()}")
+    return sorted(set(found), key=lambda p: case_id_of(p))

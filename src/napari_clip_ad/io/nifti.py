@@ -1,0 +1,162 @@
+"""Safe NIfTI reading and the canonical orientation used everywhere in the package.
+
+Canonical orientation: arrays are indexed ``[z, y, x]`` with axis codes ``("S", "P", "L")``:
+axis 0 runs inferior to superior (so ``volume[k]`` is an axial slice, ``k = 0`` the lowest),
+axis 1 anterior to posterior (row 0 is anterior: the top of the screen), axis 2 from the patient's
+right to left (radiological view: the patient's right on the left of the screen). For BraTS files
+(stored L, P, S) this is a pure transpose. The source affine and header are kept in
+:class:`Geometry` so every output saves back aligned with the input file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+from ..atomic import atomic_path
+from ..errors import InputError
+
+CANONICAL_AXCODES: tuple[str, str, str] = ("S", "P", "L")
+
+
+@dataclass
+class Geometry:
+    """Where a canonical array sits in the world, and how to put it back into its source file layout.
+
+    Attributes:
+        affine: The source file's affine (voxel -> world mm, RAS).
+        header: The source file's NIfTI header.
+        source_shape: The source file's 3D shape.
+        transform: nibabel orientation transform from source axes to canonical axes.
+        spacing: Voxel size in mm, in canonical axis order (z, y, x).
+    """
+
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    source_shape: tuple[int, int, int]
+    transform: np.ndarray
+    spacing: tuple[float, float, float]
+
+    @classmethod
+    def from_image(cls, img: nib.Nifti1Image) -> Geometry:
+        """Geometry of a 3D (or the first three axes of a 4D) NIfTI image."""
+        affine = np.asarray(img.affine, dtype=np.float64)
+        transform = ornt_transform(io_orientation(affine), axcodes2ornt(CANONICAL_AXCODES))
+        zooms = [float(z) for z in img.header.get_zooms()[:3]]
+        spacing = [0.0, 0.0, 0.0]
+        for src_axis, (dst_axis, _flip) in enumerate(transform):
+            spacing[int(dst_axis)] = zooms[src_axis]
+        return cls(affine, img.header.copy(), tuple(int(s) for s in img.shape[:3]), transform, tuple(spacing))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Canonical (z, y, x) shape."""
+        shape = [0, 0, 0]
+        for src_axis, (dst_axis, _flip) in enumerate(self.transform):
+            shape[int(dst_axis)] = self.source_shape[src_axis]
+        return tuple(shape)
+
+    @property
+    def canonical_affine(self) -> np.ndarray:
+        """Affine mapping canonical voxel indices (z, y, x) to world mm."""
+        return self.affine @ inv_ornt_aff(self.transform, self.source_shape)
+
+    def to_canonical(self, data: np.ndarray) -> np.ndarray:
+        """Reorient a source-layout 3D array to canonical (a view where possible)."""
+        return apply_orientation(data, self.transform)
+
+    def to_source(self, data: np.ndarray) -> np.ndarray:
+        """Reorient a canonical 3D array back to the source file layout."""
+        if tuple(data.shape) != self.shape:
+            raise InputError(f"array shape {tuple(data.shape)} does not match the case's canonical shape {self.shape}")
+        back = ornt_transform(axcodes2ornt(CANONICAL_AXCODES), io_orientation(self.affine))
+        return apply_orientation(data, back)
+
+    def same_grid(self, other: Geometry, atol: float = 1e-3) -> bool:
+        """True when both describe the same voxel grid (shape and affine)."""
+        return self.source_shape == other.source_shape and np.allclose(self.affine, other.affine, atol=atol)
+
+
+def nifti_files(folder: Path) -> list[Path]:
+    """NIfTI files directly in ``folder``, sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".nii.gz", ".nii")))
+
+
+def strip_nifti_ext(name: str) -> str:
+    """File name without ``.nii.gz`` / ``.nii``."""
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def read_nifti(path: Path, ndim: int | None = 3) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Read a NIfTI file fully, turning every way it can be broken into one clear :class:`InputError`.
+
+    Args:
+        path: The file.
+        ndim: Required number of dimensions (a trailing axis of length 1 is dropped), or None.
+
+    Returns:
+        The data array (source layout) and the image (for affine and header).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: truncated or corrupt gzip data ({exc}); re-download or re-export the file") from None
+    except (nib.filebasedimages.ImageFileError, ValueError, OSError) as exc:
+        raise InputError(f"{path}: not a readable NIfTI file ({str(exc).splitlines()[0]})") from None
+    if ndim is not None:
+        while data.ndim > ndim and data.shape[-1] == 1:
+            data = data[..., 0]
+        if data.ndim != ndim:
+            raise InputError(f"{path}: expected a {ndim}D volume, got shape {tuple(data.shape)}")
+    return data, img
+
+
+def check_finite(data: np.ndarray, path: Path) -> None:
+    """Refuse NaN or infinite voxels (they would silently poison every metric)."""
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise InputError(f"{path}: {bad} NaN/inf voxels; fix or mask them before use (e.g. numpy.nan_to_num)")
+
+
+def labels_from(data: np.ndarray, path: Path, allowed: tuple[int, ...]) -> np.ndarray:
+    """Validate a label volume and return it as int16."""
+    check_finite(data, path)
+    values = np.unique(data)
+    if np.issubdtype(values.dtype, np.floating) and not np.all(values == np.round(values)):
+        raise InputError(f"{path}: label volume has non-integer values; expected integer labels {list(allowed)}")
+    unknown = sorted(set(int(v) for v in values) - set(allowed))
+    if unknown:
+        raise InputError(f"{path}: unknown label values {unknown}; expected {list(allowed)} (BraTS labels)")
+    return np.asarray(data, dtype=np.int16)
+
+
+def save_nifti(data: np.ndarray, geometry: Geometry, path: str | Path) -> Path:
+    """Write a canonical array as NIfTI in the source layout, with the source affine, atomically."""
+    path = Path(path)
+    if not path.name.endswith((".nii.gz", ".nii")):
+        raise InputError(f"{path}: output name must end in .nii.gz or .nii")
+    source = np.ascontiguousarray(geometry.to_source(np.asarray(data)))
+    header = geometry.header.copy()
+    header.set_data_dtype(source.dtype)
+    img = nib.Nifti1Image(source, geometry.affine, header=header)
+    img.set_qform(geometry.affine, code=int(geometry.header["qform_code"]) or 1)
+    img.set_sform(geometry.affine, code=int(geometry.header["sform_code"]) or 1)
+    # Scaling from the source header would distort floats and labels: store values as given.
+    img.header.set_slope_inter(1.0, 0.0)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
