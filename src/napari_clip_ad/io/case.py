@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,10 +62,15 @@ class Case:
         return self.images[modality]
 
 
+def _visible_files(folder: Path, pattern: str) -> list[Path]:
+    """Files matching a glob, skipping hidden ones (``._x.nii.gz`` AppleDouble files from macOS archives)."""
+    return [p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith(".")]
+
+
 def _match(folder: Path, patterns: tuple[str, ...], case_id: str) -> Path | None:
     for pattern in patterns:
-        stem = pattern.replace("{id}", case_id)
-        hits = sorted({p for ext in NIFTI_EXTENSIONS for p in folder.glob(stem + ext) if p.is_file()})
+        stem = pattern.replace("{id}", glob.escape(case_id))
+        hits = sorted({p for ext in NIFTI_EXTENSIONS for p in _visible_files(folder, stem + ext)})
         if len(hits) > 1:
             names = ", ".join(p.name for p in hits)
             raise InputError(f"{folder}: pattern {stem!r} matches several files ({names}); keep one per case")
@@ -87,7 +93,7 @@ def _resolve(path: Path) -> _Found:
         case_id = strip_nifti_ext(path.name)
         root = path.parent.parent
         for layout in LAYOUTS:
-            if any(_match(root, (p,), case_id) == path for p in layout.stacked):
+            if any(_same_file(_match(root, (p,), case_id), path) for p in layout.stacked):
                 return _found_in(layout, root, case_id)
         raise InputError(f"{path}: a single file is not a case; give its case folder ({expected_names()})")
     if not path.is_dir():
@@ -98,8 +104,14 @@ def _resolve(path: Path) -> _Found:
         if best is None or _n_modalities(found) > _n_modalities(best):
             best = found
     if best is None or _n_modalities(best) == 0:
+        if best is not None and "seg" in best.files:
+            raise InputError(f"{path}: only a segmentation ({best.files['seg'].name}) and no image; a case needs at least one modality file")
         raise InputError(f"{path}: no recognisable modality file; expected one of: {expected_names()}")
     return best
+
+
+def _same_file(found: Path | None, path: Path) -> bool:
+    return found is not None and found.resolve() == path.resolve()
 
 
 def _n_modalities(found: _Found) -> int:
@@ -155,9 +167,7 @@ def load_case(path: str | Path, modalities: tuple[str, ...] | list[str] | None =
         for modality in wanted:
             channel = found.layout.channels.get(modality)
             if channel is not None and channel < data.shape[3]:
-                volume = np.asarray(data[..., channel], dtype=np.float32)
-                check_finite(volume, stacked)
-                images[modality] = np.ascontiguousarray(geometry.to_canonical(volume))
+                images[modality] = _canonical_float32(data[..., channel], geometry, stacked)
                 files[modality] = stacked
     else:
         for modality in wanted:
@@ -167,11 +177,9 @@ def load_case(path: str | Path, modalities: tuple[str, ...] | list[str] | None =
             here = Geometry.from_image(img)
             if geometry is None:
                 geometry = here
-            elif not here.same_grid(geometry):
-                raise InputError(f"{found.files[modality]}: shape or affine differs from the case's other images; resample it to their grid")
-            volume = np.asarray(data, dtype=np.float32)
-            check_finite(volume, found.files[modality])
-            images[modality] = np.ascontiguousarray(geometry.to_canonical(volume))
+            else:
+                _check_grid(found.files[modality], here, geometry, "image")
+            images[modality] = _canonical_float32(data, geometry, found.files[modality])
             files[modality] = found.files[modality]
     if geometry is None or not images:
         have = ", ".join(m for m in MODALITIES if m in found.files) or "none"
@@ -181,10 +189,32 @@ def load_case(path: str | Path, modalities: tuple[str, ...] | list[str] | None =
     return Case(found.case_id, path, found.layout.name, images, seg, brain, geometry, files)
 
 
+def _canonical_float32(data: np.ndarray, geometry: Geometry, path: Path) -> np.ndarray:
+    """Source-layout volume -> contiguous canonical float32 in one pass (no intermediate copy)."""
+    check_finite(data, path)
+    out = np.empty(geometry.shape, dtype=np.float32)
+    np.copyto(out, geometry.to_canonical(data), casting="unsafe")
+    return out
+
+
+def _check_grid(part_path: Path, here: Geometry, geometry: Geometry, what: str) -> None:
+    """Refuse a file whose voxel grid (shape, then affine) differs from the case's first image."""
+    if here.source_shape != geometry.source_shape:
+        raise InputError(
+            f"{part_path}: {what} shape {here.source_shape} differs from the case image shape {geometry.source_shape}; "
+            "it must share the image grid"
+        )
+    if not here.same_grid(geometry):
+        diff = float(np.abs(here.affine - geometry.affine).max())
+        raise InputError(
+            f"{part_path}: {what} affine differs from the case image affine (by up to {diff:.3g}); "
+            "it must share the image grid (resample or copy the image header)"
+        )
+
+
 def _aligned(part_path: Path, geometry: Geometry, what: str) -> np.ndarray:
     data, img = read_nifti(part_path)
-    if not Geometry.from_image(img).same_grid(geometry):
-        raise InputError(f"{part_path}: {what} shape {tuple(img.shape)} or affine differs from the image; it must share the image grid")
+    _check_grid(part_path, Geometry.from_image(img), geometry, what)
     return data
 
 
@@ -238,6 +268,17 @@ def _is_case_folder(folder: Path) -> bool:
         return False
 
 
+def _stacked_files(folder: Path) -> list[Path]:
+    """Decathlon-style 4D case files of a task folder (``imagesTr/*.nii.gz``), if it is one."""
+    return [
+        p
+        for layout in LAYOUTS
+        for pattern in layout.stacked
+        for ext in NIFTI_EXTENSIONS
+        for p in _visible_files(folder, pattern.replace("{id}", "*") + ext)
+    ]
+
+
 def find_cases(root: str | Path, max_depth: int = 3) -> list[Path]:
     """Case folders (and Decathlon 4D files) under ``root``, sorted by case id.
 
@@ -252,20 +293,18 @@ def find_cases(root: str | Path, max_depth: int = 3) -> list[Path]:
     if not root.is_dir():
         raise InputError(f"{root}: no such folder")
     found: list[Path] = []
-    for layout in LAYOUTS:
-        for pattern in layout.stacked:
-            for ext in NIFTI_EXTENSIONS:
-                found.extend(p for p in root.glob(pattern.replace("{id}", "*") + ext) if p.is_file())
-    if not found:
-        frontier = [root]
-        for _ in range(max_depth + 1):
-            next_frontier = []
-            for folder in frontier:
-                if _is_case_folder(folder):
-                    found.append(folder)
-                else:
-                    next_frontier.extend(sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
-            frontier = next_frontier
+    frontier = [root]
+    for _ in range(max_depth + 1):
+        next_frontier = []
+        for folder in frontier:
+            stacked = _stacked_files(folder)
+            if stacked:
+                found.extend(stacked)
+            elif _is_case_folder(folder):
+                found.append(folder)
+            else:
+                next_frontier.extend(sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
+        frontier = next_frontier
     if not found:
         raise InputError(f"{root}: no case found; expected case folders in one of: {expected_names()}")
     return sorted(set(found), key=lambda p: case_id_of(p))

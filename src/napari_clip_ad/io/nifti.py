@@ -11,13 +11,16 @@ right to left (radiological view: the patient's right on the left of the screen)
 from __future__ import annotations
 
 import gzip
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.spatialimages import HeaderDataError
 
 from ..atomic import atomic_path
 from ..errors import InputError
@@ -96,12 +99,56 @@ def strip_nifti_ext(name: str) -> str:
     return name
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+_HEADER_SIZES: dict[int, type[nib.Nifti1Image]] = {348: nib.Nifti1Image, 540: nib.Nifti2Image}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _image_class(blob: bytes) -> type[nib.Nifti1Image] | None:
+    """NIfTI-1 or NIfTI-2 from the header-size field (either byte order), None if neither."""
+    if len(blob) < 4:
+        return None
+    for order in ("<", ">"):
+        found = _HEADER_SIZES.get(struct.unpack(order + "i", blob[:4])[0])
+        if found is not None:
+            return found
+    return None
+
+
+def _file_bytes(path: Path) -> bytes:
+    """The uncompressed NIfTI bytes of a file, checking the whole gzip stream (CRC and length).
+
+    nibabel alone reads only as many bytes as the header asks for, so a corrupt gzip stream can
+    load as silent garbage; decompressing everything at once checks it and is as fast.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the file ({_first_line(exc)}); check it exists and is readable") from None
+    if not raw:
+        raise InputError(f"{path}: empty file; re-download or re-export it")
+    if raw[:2] != _GZIP_MAGIC:
+        if _image_class(raw) is not None or not path.name.endswith(".gz"):
+            return raw  # uncompressed NIfTI (possibly misnamed .nii.gz); nibabel checks the rest
+        raise InputError(f"{path}: not gzip-compressed data, so not a .nii.gz volume; give a NIfTI file")
+    try:
+        return gzip.decompress(raw)
+    except EOFError:
+        raise InputError(f"{path}: truncated gzip data (the file ends early); re-download or re-export it") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(f"{path}: corrupt gzip data ({_first_line(exc)}); re-download or re-export it") from None
+
+
 def read_nifti(path: Path, ndim: int | None = 3) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Read a NIfTI file fully, turning every way it can be broken into one clear :class:`InputError`.
 
     Args:
-        path: The file.
-        ndim: Required number of dimensions (a trailing axis of length 1 is dropped), or None.
+        path: The file (``.nii.gz`` or ``.nii``, NIfTI-1 or NIfTI-2).
+        ndim: Required number of dimensions (trailing axes of length 1 are dropped), or None.
 
     Returns:
         The data array (source layout) and the image (for affine and header).
@@ -109,27 +156,28 @@ def read_nifti(path: Path, ndim: int | None = 3) -> tuple[np.ndarray, nib.Nifti1
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
+    blob = _file_bytes(path)
+    image_class = _image_class(blob)
+    if image_class is None:
+        raise InputError(f"{path}: not a NIfTI file (no NIfTI header); give a .nii.gz or .nii volume")
     try:
-        img = nib.load(str(path))
+        img = image_class.from_bytes(blob)
         data = np.asanyarray(img.dataobj)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise InputError(f"{path}: truncated or corrupt gzip data ({exc}); re-download or re-export the file") from None
-    except (nib.filebasedimages.ImageFileError, ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable NIfTI file ({str(exc).splitlines()[0]})") from None
+    except (ImageFileError, HeaderDataError, ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{path}: not a readable NIfTI file ({_first_line(exc)}); re-export it") from None
     if ndim is not None:
         while data.ndim > ndim and data.shape[-1] == 1:
             data = data[..., 0]
         if data.ndim != ndim:
-            raise InputError(f"{path}: expected a {ndim}D volume, got shape {tuple(data.shape)}")
+            raise InputError(f"{path}: expected a {ndim}D volume, got shape {tuple(data.shape)}; give one {ndim}D volume per file")
     return data, img
 
 
 def check_finite(data: np.ndarray, path: Path) -> None:
     """Refuse NaN or infinite voxels (they would silently poison every metric)."""
-    if np.issubdtype(data.dtype, np.floating):
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         bad = int(np.count_nonzero(~np.isfinite(data)))
-        if bad:
-            raise InputError(f"{path}: {bad} NaN/inf voxels; fix or mask them before use (e.g. numpy.nan_to_num)")
+        raise InputError(f"{path}: {bad} NaN/inf voxels; fix or mask them before use (e.g. numpy.nan_to_num)")
 
 
 def labels_from(data: np.ndarray, path: Path, allowed: tuple[int, ...]) -> np.ndarray:
@@ -144,19 +192,40 @@ def labels_from(data: np.ndarray, path: Path, allowed: tuple[int, ...]) -> np.nd
     return np.asarray(data, dtype=np.int16)
 
 
+_SAVE_AS: dict[np.dtype, np.dtype] = {np.dtype(bool): np.dtype(np.uint8), np.dtype(np.float16): np.dtype(np.float32)}
+"""dtypes NIfTI cannot hold, and what they are stored as."""
+
+
 def save_nifti(data: np.ndarray, geometry: Geometry, path: str | Path) -> Path:
-    """Write a canonical array as NIfTI in the source layout, with the source affine, atomically."""
+    """Write a canonical array as NIfTI in the source layout, with the source affine, atomically.
+
+    Booleans are stored as uint8 and float16 as float32; other dtypes are kept. Nothing is left at
+    ``path`` (or beside it) when writing fails.
+    """
     path = Path(path)
     if not path.name.endswith((".nii.gz", ".nii")):
         raise InputError(f"{path}: output name must end in .nii.gz or .nii")
-    source = np.ascontiguousarray(geometry.to_source(np.asarray(data)))
+    data = np.asarray(data)
+    if tuple(data.shape) != geometry.shape:
+        raise InputError(
+            f"{path}: array shape {tuple(data.shape)} does not match the case's canonical shape {geometry.shape}; "
+            "save arrays of the case's (z, y, x) shape"
+        )
+    data = data.astype(_SAVE_AS.get(data.dtype, data.dtype), copy=False)
+    source = np.ascontiguousarray(geometry.to_source(data))
     header = geometry.header.copy()
-    header.set_data_dtype(source.dtype)
+    try:
+        header.set_data_dtype(source.dtype)
+    except HeaderDataError:
+        raise InputError(f"{path}: NIfTI cannot store dtype {source.dtype}; convert the array to a numeric dtype") from None
     img = nib.Nifti1Image(source, geometry.affine, header=header)
     img.set_qform(geometry.affine, code=int(geometry.header["qform_code"]) or 1)
     img.set_sform(geometry.affine, code=int(geometry.header["sform_code"]) or 1)
     # Scaling from the source header would distort floats and labels: store values as given.
     img.header.set_slope_inter(1.0, 0.0)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+    try:
+        with atomic_path(path) as tmp:
+            nib.save(img, str(tmp))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write the file ({_first_line(exc)}); check the folder is writable") from None
     return path

@@ -1,0 +1,60 @@
+"""Named CLIP backbones: what each name means and where its weights come from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A named backbone.
+
+    Attributes:
+        name: Registry name users type.
+        model: open_clip model name (``ViT-L-14-336``) or ``hf-hub:org/repo``.
+        pretrained: open_clip pretrained tag (``openai``), or "" for hub models and random weights.
+        quick_gelu: Activation the weights were trained with.
+        description: One line for listings.
+        random_weights: True for test architectures with no pretrained weights.
+    """
+
+    name: str
+    model: str
+    pretrained: str = ""
+    quick_gelu: bool = False
+    description: str = ""
+    random_weights: bool = False
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec(
+            "openai-vit-l-14-336", "ViT-L-14-336", "openai", quick_gelu=True,
+            description="OpenAI CLIP ViT-L/14@336 (VAND, AnomalyCLIP, AdaCLIP backbone)",
+        ),
+        BackboneSpec(
+            "vit-b-16-plus-240", "ViT-B-16-plus-240", "laion400m_e32",
+            description="open_clip ViT-B/16-plus-240, LAION-400M epoch 32 (AnoVL backbone)",
+        ),
+        BackboneSpec(
+            "pmc-vit-l-14", "hf-hub:ryanyip7777/pmc_vit_l_14",
+            description="CLIP ViT-L/14 trained on PMC-OA (the study's 'pmc' setup), open_clip format on the HF hub",
+        ),
+        BackboneSpec(
+            "biomedclip", "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+            description="BiomedCLIP ViT-B/16 + PubMedBERT (timm trunk; needs transformers)",
+        ),
+        BackboneSpec(
+            "tiny-test", "tiny-test", random_weights=True,
+            description="tiny random-weights ViT (width 64, 12 blocks, patch 14) for tests and smoke runs",
+        ),
+    )
+}
+
+TINY_TEST_CONFIG: dict = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 224, "layers": 12, "width": 64, "head_width": 16, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+"""A ViT with the geometry of ViT-L/14 (patch 14, native 224 px) but tiny: 240 px gives a 17x17 grid."""

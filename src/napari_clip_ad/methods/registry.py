@@ -1,0 +1,99 @@
+"""Method registry and :func:`build_method`, the one way every front end builds a method."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..backbones import Backbone, load_backbone, set_activation
+from ..errors import InputError
+from .base import AnomalyMethod
+
+METHODS: dict[str, type[AnomalyMethod]] = {}
+_BUILTIN_MODULES = ("vand", "anomalyclip", "anovl", "adaclip", "winclip")
+
+
+def register_method(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:
+    """Class decorator adding a method under ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(f".{module}", __package__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{module}":
+                raise
+
+
+def list_methods() -> list[str]:
+    """Names of the available methods."""
+    _load_builtins()
+    return sorted(METHODS)
+
+
+def method_class(name: str) -> type[AnomalyMethod]:
+    """The class of a method name, with a did-you-mean error for unknown names."""
+    _load_builtins()
+    key = name.lower()
+    if key not in METHODS:
+        close = difflib.get_close_matches(key, list(METHODS), n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise InputError(f"unknown method {name!r}.{hint} Available: {', '.join(sorted(METHODS))}")
+    return METHODS[key]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; a CUDA request without CUDA is a clear error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but no CUDA GPU is available here; use --device cpu or auto")
+    return device
+
+
+def build_method(
+    name: str,
+    backbone: str | Backbone | None = None,
+    weights: str | Path | None = None,
+    image_size: int = 240,
+    device: str | torch.device = "auto",
+    **options: Any,
+) -> AnomalyMethod:
+    """Build a ready-to-predict method.
+
+    Args:
+        name: Method name (see :func:`list_methods`).
+        backbone: Registry name, open_clip ``ARCH:TAG``, ``hf-hub:`` name, local file, or a loaded
+            :class:`~napari_clip_ad.backbones.Backbone`; None uses the method's default backbone.
+        weights: The method's trained parts: a released checkpoint as published, one of our
+            safetensors files, or a released-weights name (``napari-clip-ad weights list``).
+        image_size: Square input size (the study used 240).
+        device: "auto", "cpu", "cuda", ...
+        **options: Method options (e.g. ``layers``, ``object_name``).
+
+    Returns:
+        The method on ``device`` in eval mode.
+    """
+    cls = method_class(name)
+    target = resolve_device(device)
+    if backbone is None:
+        backbone = cls.default_backbone
+    if isinstance(backbone, Backbone):
+        if cls.quick_gelu is not None:
+            set_activation(backbone.model, cls.quick_gelu)
+    else:
+        backbone = load_backbone(str(backbone), device="cpu", quick_gelu=cls.quick_gelu)
+    method = cls(backbone, image_size=image_size, **options)
+    if weights is not None:
+        from .checkpoints import load_method_weights
+
+        load_method_weights(method, weights)
+    return method.to(target).eval()
