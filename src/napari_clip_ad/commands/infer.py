@@ -1,0 +1,83 @@
+"""``napari-clip-ad infer``: anomaly maps, masks and per-case metrics for a case or a cohort."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import write_json
+from ..io import case_id_of, find_cases, load_case, save_volume
+from ..io.layouts import MODALITIES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``infer`` command."""
+    p = subparsers.add_parser("infer", help="run a method on a case or cohort folder; write maps, masks, metrics")
+    p.add_argument("path", type=Path, help="a case folder or a cohort folder of cases")
+    p.add_argument("--method", default="vand", help="method name (see 'napari-clip-ad weights list' for weights)")
+    p.add_argument("--backbone", default=None, help="backbone registry name, ARCH:TAG, hf-hub: name or file")
+    p.add_argument("--weights", default=None, help="method weights: released name or file (.pth as published, or .safetensors)")
+    p.add_argument("--modality", default="t2w", help="t1n, t1c, t2w, t2f, or three joined by '+' (e.g. t1c+t2w+t2f)")
+    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    p.add_argument("--threshold", type=float, default=0.5, help="mask threshold on the [0,1] map (voxel positive if >=)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=240)
+    p.add_argument("--sigma", type=float, default=None, help="Gaussian sigma per slice map (default: the method's official one)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=run)
+
+
+def _shard(cases: list[Path]) -> list[Path]:
+    """Cases of this torchrun rank (all cases without torchrun)."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return cases[rank::world] if world > 1 else cases
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run inference and write ``<id>_anomaly.nii.gz``, ``<id>_mask.nii.gz``, ``<id>_metrics.json``."""
+    from tqdm import tqdm
+
+    from ..engine import parse_modality, run_volume
+    from ..errors import InputError
+    from ..methods import build_method
+    from ..metrics import volume_metrics
+
+    modalities = parse_modality(args.modality)
+    if not 0.0 <= args.threshold <= 1.0:
+        raise InputError(f"--threshold must be in [0, 1] (maps are in [0, 1]), got {args.threshold}")
+    cases = _shard(find_cases(args.path))
+    method = build_method(args.method, args.backbone, weights=args.weights, image_size=args.image_size, device=args.device)
+    description = method.describe()
+    if method.backbone.random_weights:
+        print(f"note: backbone {method.backbone.label}: results come from random weights and mean nothing", file=sys.stderr)
+    written: list[Path] = []
+    for path in tqdm(cases, desc="cases", unit="case", file=sys.stderr, disable=len(cases) < 2):
+        case = load_case(path, modalities=sorted(set(modalities), key=MODALITIES.index))
+        bar = tqdm(total=0, desc=case.case_id, unit="slice", file=sys.stderr, leave=False)
+
+        def progress(done: int, total: int, bar=bar) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        result = run_volume(case, method, modality=modalities, axis=args.axis, batch_size=args.batch_size, sigma=args.sigma, progress=progress)
+        bar.close()
+        mask = (result.anomaly_map >= args.threshold).astype(np.uint8)
+        stem = args.out / case_id_of(path)
+        written.append(save_volume(result.anomaly_map.astype(np.float32), case, f"{stem}_anomaly.nii.gz"))
+        written.append(save_volume(mask, case, f"{stem}_mask.nii.gz"))
+        if case.whole_tumour is not None:
+            metrics = volume_metrics(mask.astype(bool), case.whole_tumour)
+            write_json(f"{stem}_metrics.json", {"case_id": case.case_id, "threshold": args.threshold, **metrics, **result.info})
+            written.append(Path(f"{stem}_metrics.json"))
+    write_json(args.out / "infer.json", {**description, "modality": "+".join(modalities), "axis": args.axis,
+                                         "threshold": args.threshold, "weights": getattr(method, "weights_source", None),
+                                         "cases": [case_id_of(p) for p in cases]})
+    for path in written:
+        print(path)
+    return 0

@@ -1,0 +1,6 @@
+"""The engine every front end uses: volume -> slices -> method -> 3D map."""
+
+from .preprocess import AXES, preprocess_slices, scale_slices
+from .run import VolumeResult, parse_modality, run_volume
+
+__all__ = ["AXES", "VolumeResult", "parse_modality", "preprocess_slices", "run_volume", "scale_slices"]
