@@ -1,0 +1,149 @@
+"""Threshold-free pixel metrics (AUROC, F1-max) computed from per-threshold counts.
+
+Both the exact path (one level per distinct score, from sorting) and the histogram path (one level
+per bin) reduce the data to counts of positive and negative voxels per score level; the curves are
+computed from those counts. A voxel is predicted positive when its score is ``>= threshold``.
+
+Histogram bins split ``[0, 1]`` into ``bins`` equal parts: bin ``b`` holds scores in
+``[b/bins, (b+1)/bins)`` and the last bin also holds 1.0. With a power-of-two ``bins`` (65,536 by
+default) ``floor(score * bins)`` is exact in float32 and float64, so "score in a bin >= b" is exactly
+"score >= b/bins": the histogram's thresholds are the bin lower edges and its F1 values are exact F1
+values at those thresholds (hence F1-max from the histogram is a lower bound on the exact F1-max).
+AUROC treats scores in one bin as tied and integrates the ROC curve with trapezoids, as
+:func:`sklearn.metrics.roc_auc_score` does for tied scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError
+
+DEFAULT_BINS = 65_536
+"""Histogram bins over [0, 1] (a power of two keeps binning exact)."""
+
+RANGE_TOLERANCE = 1e-6
+"""Scores this far outside [0, 1] are clipped; further out they are refused."""
+
+
+def check_scores(scores: np.ndarray, source: str = "anomaly map") -> None:
+    """Refuse NaN/inf scores and scores outside [0, 1] by more than :data:`RANGE_TOLERANCE`.
+
+    Args:
+        scores: Score array (any shape).
+        source: What the scores are (a file name), for the error message.
+
+    Raises:
+        InputError: One line naming ``source``, the bad values and what to do.
+    """
+    if scores.size == 0:
+        return
+    low, high = float(np.min(scores)), float(np.max(scores))  # NaN propagates into min/max
+    if np.isnan(low) or np.isnan(high):
+        bad = int(np.count_nonzero(np.isnan(scores)))
+        raise InputError(f"{source}: {bad} NaN values; anomaly maps must hold finite values in [0, 1]")
+    if low < -RANGE_TOLERANCE or high > 1.0 + RANGE_TOLERANCE:
+        raise InputError(f"{source}: values span [{low:.6g}, {high:.6g}], outside [0, 1]; "
+                         "normalise the map to [0, 1] (e.g. min-max scaling) before evaluating")
+
+
+def bin_index(scores: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
+    """Histogram bin of each score (``floor(score * bins)``, clipped to ``[0, bins - 1]``).
+
+    Scores must already be checked with :func:`check_scores`.
+    """
+    dtype = scores.dtype if scores.dtype in (np.float32, np.float64) else np.float32
+    scaled = np.multiply(scores, dtype.type(bins), dtype=dtype)
+    np.clip(scaled, 0, bins - 1, out=scaled)
+    return scaled.astype(np.intp)
+
+
+def bin_thresholds(bins: int = DEFAULT_BINS) -> np.ndarray:
+    """The threshold of each bin: its lower edge ``b / bins``."""
+    return np.arange(bins, dtype=np.float64) / bins
+
+
+def exact_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct score values (ascending) with the number of positive and negative voxels at each.
+
+    Args:
+        scores: Scores (flattened).
+        labels: Bool labels of the same length.
+    """
+    levels, inverse = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True)
+    inverse = inverse.ravel()
+    total = np.bincount(inverse, minlength=levels.size)
+    positive = np.bincount(inverse[labels], minlength=levels.size)
+    return levels, positive, total - positive
+
+
+def auroc_from_counts(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve from per-level counts (levels ascending; ties share a level).
+
+    Returns:
+        The AUROC, or NaN when there is no positive or no negative voxel.
+    """
+    pos = np.asarray(positive, dtype=np.float64)[::-1]
+    neg = np.asarray(negative, dtype=np.float64)[::-1]
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    tp_above = np.cumsum(pos) - pos  # positives strictly above each level
+    # Trapezoid rule: each negative at a level counts the positives above it plus half of the tied ones.
+    return float(np.sum(neg * (tp_above + 0.5 * pos)) / (n_pos * n_neg))
+
+
+def f1_curve(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """F1 when thresholding at each level (levels ascending; predicted positive at ``>= level``).
+
+    Returns:
+        F1 per level (0 where nothing is predicted), or all NaN when there is no positive voxel.
+    """
+    tp = np.cumsum(np.asarray(positive, dtype=np.float64)[::-1])[::-1]
+    predicted = np.cumsum((np.asarray(positive, dtype=np.float64) + negative)[::-1])[::-1]
+    n_pos = tp[0] if tp.size else 0.0
+    if n_pos == 0:
+        return np.full(tp.shape, np.nan)
+    return 2.0 * tp / (predicted + n_pos)
+
+
+def f1max_from_counts(positive: np.ndarray, negative: np.ndarray, levels: np.ndarray) -> tuple[float, float]:
+    """Best F1 over all levels and its threshold (the highest threshold among equal bests).
+
+    Returns:
+        ``(f1max, threshold)``; ``(nan, nan)`` when there is no positive voxel.
+    """
+    f1 = f1_curve(positive, negative)
+    if f1.size == 0 or np.isnan(f1[0]):
+        return float("nan"), float("nan")
+    best = int(f1.size - 1 - np.argmax(f1[::-1]))
+    return float(f1[best]), float(levels[best])
+
+
+def _flat(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores)
+    labels = np.asarray(labels)
+    if scores.shape != labels.shape:
+        raise ValueError(f"shapes differ: scores {scores.shape}, labels {labels.shape}")
+    check_scores(scores, "scores")
+    return scores.ravel(), (labels != 0).ravel()
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Exact pixel AUROC (by sorting; equals :func:`sklearn.metrics.roc_auc_score`).
+
+    Args:
+        scores: Scores in [0, 1].
+        labels: Ground truth of the same shape (nonzero = positive).
+    """
+    levels, positive, negative = exact_counts(*_flat(scores, labels))
+    return auroc_from_counts(positive, negative)
+
+
+def f1max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Exact F1-max over all thresholds and the threshold reaching it (positive at ``>=``).
+
+    Equals the maximum of ``2PR/(P+R)`` over :func:`sklearn.metrics.precision_recall_curve`.
+    """
+    levels, positive, negative = exact_counts(*_flat(scores, labels))
+    return f1max_from_counts(positive, negative, levels)
