@@ -39,8 +39,18 @@ class LesionSpec:
     rim: float
 
     @property
+    def tumour_reach(self) -> float:
+        """Typical largest distance from the centre to the lesion's outline, in mm."""
+        return self.radius * 1.25 * (1.0 + 0.2 * 1.5)
+
+    @property
+    def spacing(self) -> float:
+        """Typical largest distance from the centre to the edge of its edema, in mm."""
+        return self.tumour_reach + self.edema_reach * (1.0 + 0.35 * 1.5) + 1.0
+
+    @property
     def extent(self) -> float:
-        """Largest distance from the centre any of its labels can reach, in mm."""
+        """Largest distance from the centre any of its labels can reach, in mm (noise at its clip)."""
         return self.radius * 1.25 * (1.0 + 0.2 * _NOISE_CLIP) + self.edema_reach * (1.0 + 0.35 * _NOISE_CLIP) + 2.0
 
 
@@ -72,22 +82,40 @@ def draw_specs(rng: np.random.Generator, maps: TissueMaps, n_lesions: int) -> li
     tissue = (maps.gm + maps.wm) > 0.6
     specs: list[LesionSpec] = []
     for radius, near_surface in zip(radii, peripheral):
-        reach = float(radius * rng.uniform(0.3, 1.1) + rng.uniform(1.0, 4.0))
-        rim = float(rng.uniform(1.8, 3.5))
-        inner = radius * 1.25 * (1.0 + 0.2 * _NOISE_CLIP) + 1.0
+        # Small metastases carry little edema; large ones up to about their own radius.
+        reach = float(radius * rng.uniform(0.3, 1.1) * np.clip((radius - 2.0) / 8.0, 0.15, 1.0) + rng.uniform(0.5, 2.0))
+        spec = _place(rng, maps, tissue, specs, radius, reach, float(rng.uniform(1.8, 3.5)), near_surface)
+        if spec is not None:
+            specs.append(spec)
+    return specs
+
+
+def _place(
+    rng: np.random.Generator,
+    maps: TissueMaps,
+    tissue: np.ndarray,
+    placed: list[LesionSpec],
+    radius: float,
+    reach: float,
+    rim: float,
+    near_surface: bool,
+) -> LesionSpec | None:
+    """A lesion centre in brain tissue, clear of the lesions already placed (shrinking it if crowded)."""
+    for _attempt in range(4):
+        probe = LesionSpec((0, 0, 0), radius, reach, rim)
+        inner = probe.tumour_reach + 1.0
         depth_ok = maps.depth >= inner
         if near_surface:
-            depth_ok &= maps.depth <= inner + 6.0
+            depth_ok &= maps.depth <= inner + 4.0
         candidates = np.flatnonzero(depth_ok & tissue)
-        if candidates.size == 0:
-            continue
-        for pick in rng.choice(candidates, size=min(200, candidates.size), replace=False):
-            centre = tuple(int(c) for c in np.unravel_index(pick, maps.brain.shape))
-            spec = LesionSpec(centre, float(radius), reach, rim)  # type: ignore[arg-type]
-            if all(np.linalg.norm(np.subtract(centre, s.centre)) > spec.extent + s.extent for s in specs):
-                specs.append(spec)
-                break
-    return specs
+        if candidates.size:
+            for pick in rng.choice(candidates, size=min(300, candidates.size), replace=False):
+                centre = tuple(int(c) for c in np.unravel_index(pick, maps.brain.shape))
+                spec = LesionSpec(centre, radius, reach, rim)  # type: ignore[arg-type]
+                if all(np.linalg.norm(np.subtract(centre, s.centre)) > spec.spacing + s.spacing for s in placed):
+                    return spec
+        radius, reach = radius * 0.75, reach * 0.75
+    return None
 
 
 def _crop(spec: LesionSpec, shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -114,6 +142,8 @@ def paint_lesion(rng: np.random.Generator, spec: LesionSpec, maps: TissueMaps, s
     spread = spec.edema_reach * (1.0 + 0.35 * _smooth_noise(rng, shape, sigma=3.0))
     white = (maps.wm[box] + 0.3 * maps.gm[box]) > 0.45
     edema = brain & ~tumour & (outside <= spread) & (white | (outside <= 1.5))
+    pieces, _ = ndimage.label(edema | tumour)
+    edema &= np.isin(pieces, np.unique(pieces[tumour]))  # drop edema islands cut off by cortex
     view = seg[box]
     view[edema & (view == 0)] = SNFH
     view[tumour & ~core] = ET
