@@ -98,14 +98,12 @@ def _resolve(path: Path) -> _Found:
         raise InputError(f"{path}: a single file is not a case; give its case folder ({expected_names()})")
     if not path.is_dir():
         raise InputError(f"{path}: no such case folder")
-    best: _Found | None = None
-    for layout in LAYOUTS:
-        found = _found_in(layout, path, path.name)
-        if best is None or _n_modalities(found) > _n_modalities(best):
-            best = found
+    candidates = [_found_in(layout, path, path.name) for layout in LAYOUTS]
+    best = max(candidates, key=_n_modalities, default=None)  # the first of the best, in LAYOUTS order
     if best is None or _n_modalities(best) == 0:
-        if best is not None and "seg" in best.files:
-            raise InputError(f"{path}: only a segmentation ({best.files['seg'].name}) and no image; a case needs at least one modality file")
+        seg = next((found.files["seg"] for found in candidates if "seg" in found.files), None)
+        if seg is not None:
+            raise InputError(f"{path}: only a segmentation ({seg.name}) and no image; a case needs at least one modality file")
         raise InputError(f"{path}: no recognisable modality file; expected one of: {expected_names()}")
     return best
 
@@ -244,12 +242,16 @@ def save_volume(array: np.ndarray, like: Case | Geometry, path: str | Path) -> P
     """Write a canonical array as NIfTI aligned with a case's source files (same affine, shape, axes).
 
     Args:
-        array: Canonical ``[z, y, x]`` array of the case's shape; its dtype is kept.
+        array: Canonical ``[z, y, x]`` array of the case's shape; its dtype is kept (bool is stored
+            as uint8, float16 as float32).
         like: The case (or geometry) it belongs to.
-        path: Output ``.nii.gz`` / ``.nii`` path; written atomically.
+        path: Output ``.nii.gz`` / ``.nii`` path; written atomically (nothing is left on failure).
 
     Returns:
         The path written.
+
+    Raises:
+        InputError: Wrong shape, a dtype NIfTI cannot hold, a bad name, or a path that cannot be written.
     """
     geometry = like.geometry if isinstance(like, Case) else like
     return save_nifti(array, geometry, path)

@@ -52,7 +52,7 @@ BRATS_2023 = Layout(
 BRATS_2020 = Layout(
     name="brats2020",
     modalities={"t1n": ("*_t1",), "t1c": ("*_t1ce", "*_t1Gd"), "t2w": ("*_t2",), "t2f": ("*_flair",)},
-    seg=("*_seg",),
+    seg=("*_seg", "*_Segm"),  # BraTS20_Training_355 ships its labels as W39_1998.09.19_Segm.nii
     description="BraTS 2020/2021: <id>_t1/_t1ce/_t2/_flair/_seg.nii.gz",
 )
 

@@ -11,6 +11,7 @@ right to left (radiological view: the patient's right on the left of the screen)
 from __future__ import annotations
 
 import gzip
+import io
 import struct
 import zlib
 from dataclasses import dataclass
@@ -122,8 +123,9 @@ def _image_class(blob: bytes) -> type[nib.Nifti1Image] | None:
 def _file_bytes(path: Path) -> bytes:
     """The uncompressed NIfTI bytes of a file, checking the whole gzip stream (CRC and length).
 
-    nibabel alone reads only as many bytes as the header asks for, so a corrupt gzip stream can
-    load as silent garbage; decompressing everything at once checks it and is as fast.
+    nibabel alone stops reading where the voxels end and never checks the gzip CRC, so a corrupt
+    stream can load as silent garbage. One zlib call into a buffer sized from the gzip trailer
+    checks it and is faster than nibabel's streaming read.
     """
     try:
         raw = path.read_bytes()
@@ -136,11 +138,31 @@ def _file_bytes(path: Path) -> bytes:
             return raw  # uncompressed NIfTI (possibly misnamed .nii.gz); nibabel checks the rest
         raise InputError(f"{path}: not gzip-compressed data, so not a .nii.gz volume; give a NIfTI file")
     try:
-        return gzip.decompress(raw)
-    except EOFError:
-        raise InputError(f"{path}: truncated gzip data (the file ends early); re-download or re-export it") from None
-    except (gzip.BadGzipFile, zlib.error) as exc:
+        size_hint = struct.unpack("<I", raw[-4:])[0] if len(raw) >= 18 else 0  # ISIZE of the last member
+        blob = zlib.decompress(raw, wbits=31, bufsize=max(size_hint, 1 << 16))
+        if len(blob) < _nifti_nbytes(blob):
+            blob = gzip.decompress(raw)  # several gzip members (bgzip, concatenated): read them all
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        if isinstance(exc, EOFError) or "truncated" in str(exc):
+            raise InputError(f"{path}: truncated gzip data (the file ends early); re-download or re-export it") from None
         raise InputError(f"{path}: corrupt gzip data ({_first_line(exc)}); re-download or re-export it") from None
+    return blob
+
+
+def _nifti_nbytes(blob: bytes) -> int:
+    """Bytes a NIfTI file needs according to its fixed header (0 when there is no NIfTI header)."""
+    image_class = _image_class(blob)
+    if image_class is None:
+        return 0
+    header_size = image_class.header_class.sizeof_hdr
+    if len(blob) < header_size:
+        return header_size
+    try:
+        header = image_class.header_class(blob[:header_size], check=False)
+        shape = header.get_data_shape()
+        return int(header.get_data_offset()) + header.get_data_dtype().itemsize * int(np.prod(shape, dtype=np.int64))
+    except Exception:  # noqa: BLE001 - a broken header is reported by the full read that follows
+        return 0
 
 
 def read_nifti(path: Path, ndim: int | None = 3) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -169,7 +191,8 @@ def read_nifti(path: Path, ndim: int | None = 3) -> tuple[np.ndarray, nib.Nifti1
         while data.ndim > ndim and data.shape[-1] == 1:
             data = data[..., 0]
         if data.ndim != ndim:
-            raise InputError(f"{path}: expected a {ndim}D volume, got shape {tuple(data.shape)}; give one {ndim}D volume per file")
+            shape = tuple(data.shape)
+            raise InputError(f"{path}: expected a {ndim}D volume, got shape {shape}; give one {ndim}D volume per file")
     return data, img
 
 
@@ -181,15 +204,25 @@ def check_finite(data: np.ndarray, path: Path) -> None:
 
 
 def labels_from(data: np.ndarray, path: Path, allowed: tuple[int, ...]) -> np.ndarray:
-    """Validate a label volume and return it as int16."""
+    """Validate a label volume and return it as int16 (a few linear passes, no sort of the volume)."""
     check_finite(data, path)
-    values = np.unique(data)
-    if np.issubdtype(values.dtype, np.floating) and not np.all(values == np.round(values)):
+    low, high = min(allowed), max(allowed)
+    if data.min() < low or data.max() > high:
+        outside = np.unique(data[(data < low) | (data > high)])
+        raise InputError(f"{path}: unknown label values {_listed(outside)}; expected {list(allowed)} (BraTS labels)")
+    labels = data.astype(np.int16)
+    if np.issubdtype(data.dtype, np.floating) and not np.array_equal(labels, data):
         raise InputError(f"{path}: label volume has non-integer values; expected integer labels {list(allowed)}")
-    unknown = sorted(set(int(v) for v in values) - set(allowed))
+    gaps = [value for value in range(low, high + 1) if value not in allowed]
+    unknown = [value for value in gaps if np.any(labels == value)]
     if unknown:
         raise InputError(f"{path}: unknown label values {unknown}; expected {list(allowed)} (BraTS labels)")
-    return np.asarray(data, dtype=np.int16)
+    return labels
+
+
+def _listed(values: np.ndarray, most: int = 8) -> str:
+    shown = [int(v) if float(v).is_integer() else float(v) for v in values[:most]]
+    return str(shown) + (f" and {len(values) - most} more" if len(values) > most else "")
 
 
 _SAVE_AS: dict[np.dtype, np.dtype] = {np.dtype(bool): np.dtype(np.uint8), np.dtype(np.float16): np.dtype(np.float32)}
@@ -227,5 +260,6 @@ def save_nifti(data: np.ndarray, geometry: Geometry, path: str | Path) -> Path:
         with atomic_path(path) as tmp:
             nib.save(img, str(tmp))
     except OSError as exc:
-        raise InputError(f"{path}: cannot write the file ({_first_line(exc)}); check the folder is writable") from None
+        reason = _first_line(exc)
+        raise InputError(f"{path}: cannot write the file ({reason}); check the path is not a folder and is writable") from None
     return path

@@ -69,8 +69,20 @@ def load_split(path: str | Path) -> Split:
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        return Split(list(raw["train"]), list(raw["test"]), int(raw["seed"]), float(raw["test_fraction"]))
+        split = Split(_ids(raw["train"]), _ids(raw["test"]), int(raw["seed"]), float(raw["test_fraction"]))
     except FileNotFoundError:
         raise InputError(f"{path}: split file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the split file ({exc}); check the path") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: not a split file ({exc}); expected keys train, test, seed, test_fraction") from None
+    overlap = sorted({patient_id(i) for i in split.train} & {patient_id(i) for i in split.test})
+    if overlap:
+        raise InputError(f"{path}: patients {overlap[:5]} are in both train and test; make the split with split_cases")
+    return split
+
+
+def _ids(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("train and test must be lists of case ids")
+    return list(value)
