@@ -151,6 +151,9 @@ def load_backbone(
 def _spec_for(name: str) -> BackboneSpec:
     if name in BACKBONES:
         return BACKBONES[name]
+    if name.startswith("random:"):
+        # Any open_clip architecture with seeded random weights: for speed benchmarks without downloads.
+        return BackboneSpec(name, name[len("random:"):], random_weights=True, description="random weights")
     if name.startswith("hf-hub:"):
         return BackboneSpec(name, name)
     if ":" in name:
@@ -174,6 +177,8 @@ def _load_named(name: str) -> Backbone:
     spec = _spec_for(name)
     if spec.random_weights:
         register_tiny_test()
+        if spec.model not in open_clip.list_models():
+            raise WeightsError(f"unknown open_clip architecture {spec.model!r} in backbone {name!r}; see open_clip.list_models()")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             root = logging.getLogger()
