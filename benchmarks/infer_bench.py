@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=155, help="slices of the synthetic volume (155 = BraTS)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-plain", action="store_true", help="only time run_volume")
+    parser.add_argument("--compare-batches", default="", help="also time run_volume at these batch sizes, e.g. 1,8")
     args = parser.parse_args()
 
     from napari_clip_ad import sample_case
@@ -89,6 +90,9 @@ def main() -> None:
             "plain_s": round(plain_s, 4), "plain_slices_per_s": round(volume.shape[0] / plain_s, 1),
             "speedup": round(plain_s / engine_s, 2), "max_abs_map_difference": diff,
         })
+    for batch in [int(b) for b in args.compare_batches.split(",") if b]:
+        seconds, _ = timed(lambda b=batch: run_volume(volume, method, batch_size=b), device, args.repeats)
+        report[f"engine_batch{batch}_s"] = round(seconds, 4)
     print(json.dumps(report, indent=2))
 
 
