@@ -1,0 +1,297 @@
+"""Score a folder of anomaly maps against a cohort: shared by ``evaluate`` and ``report``.
+
+Maps are ``<case_id>_anomaly.nii.gz`` files saved on each case's grid (e.g. with
+:func:`napari_clip_ad.io.save_volume`), matched to the cohort's cases by id. Conventions (empty
+masks, thresholds, regions) are in ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import InputError
+from ..io import Case, Geometry, case_id_of, find_cases, load_case, read_nifti
+from ..metrics import (
+    PixelAccumulator,
+    SliceDice,
+    check_scores,
+    distance_profile,
+    size_dice_spearman,
+    slice_dice,
+    slice_positions,
+    volume_metrics,
+)
+
+MAP_SUFFIXES = ("_anomaly.nii.gz", "_anomaly.nii")
+PREFERRED_MODALITIES = ("t2w", "t2f", "t1c", "t1n")
+"""Only one image is loaded per case (for its grid and brain mask): the first of these that loads."""
+METRIC_NAMES = ("dice", "sensitivity", "specificity", "ppv")
+DISTANCE_BINS = 10
+
+
+@dataclass(frozen=True)
+class MapPair:
+    """A map file and the cohort case it belongs to."""
+
+    case_id: str
+    map_path: Path
+    case_path: Path
+
+
+@dataclass(frozen=True)
+class LoadedPair:
+    """Scores and masks of one case, canonical ``[z, y, x]``."""
+
+    scores: np.ndarray
+    tumour: np.ndarray
+    brain: np.ndarray
+    region: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class CaseScore:
+    """Scores of one case at the run's threshold.
+
+    Attributes:
+        case_id: Case id.
+        map_name: File name of the map.
+        metrics: :func:`~napari_clip_ad.metrics.volume_metrics` of the thresholded map.
+        slices: 2D Dice of the slices with lesion in the ground truth or the prediction.
+        positions: Normalised distance from the brain centre of each of those slices.
+    """
+
+    case_id: str
+    map_name: str
+    metrics: dict[str, float | int]
+    slices: SliceDice
+    positions: np.ndarray
+
+    @property
+    def lesion_mask(self) -> np.ndarray:
+        """Which of :attr:`slices` hold lesion in the ground truth."""
+        return self.slices.lesion_voxels > 0
+
+    def row(self) -> dict[str, Any]:
+        """The case's ``per_case.csv`` row (see ``docs/metrics.md``)."""
+        dices = self.slices.dice
+        return {"case_id": self.case_id, **self.metrics,
+                "slice_dice_mean": float(dices.mean()) if dices.size else math.nan,
+                "n_lesion_slices": int(np.count_nonzero(self.lesion_mask)), "map": self.map_name}
+
+
+@dataclass
+class RunScores:
+    """Every case of one folder of maps, with the pooled voxels and the threshold used."""
+
+    cases: list[CaseScore] = field(default_factory=list)
+    pooled: PixelAccumulator = field(default_factory=PixelAccumulator)
+    threshold: float = math.nan
+    threshold_rule: str = "fixed"
+    region: str = "all"
+
+
+def parse_threshold(text: str) -> str | float:
+    """``'f1max'`` or a number in [0, 1]; raises :class:`InputError` otherwise."""
+    if text.strip().lower() == "f1max":
+        return "f1max"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise InputError(f"--threshold {text!r}: give a number in [0, 1] or 'f1max'")
+    return value
+
+
+def match_maps(maps_dir: Path, data_dir: Path) -> list[MapPair]:
+    """Pair every ``<case_id>_anomaly.nii[.gz]`` in ``maps_dir`` with its case in ``data_dir``."""
+    if not maps_dir.is_dir():
+        raise InputError(f"{maps_dir}: no such maps folder; give the folder holding <case_id>_anomaly.nii.gz files")
+    if not data_dir.is_dir():
+        raise InputError(f"{data_dir}: no such cohort folder; give the folder holding the case folders")
+    cases = {case_id_of(path): path for path in find_cases(data_dir)}
+    pairs = []
+    for map_path in sorted(maps_dir.iterdir()):
+        suffix = next((s for s in MAP_SUFFIXES if map_path.name.endswith(s)), None)
+        if suffix is None or not map_path.is_file():
+            continue
+        case_id = map_path.name[: -len(suffix)]
+        if case_id not in cases:
+            raise InputError(f"{map_path}: no case {case_id!r} in {data_dir}; remove the map or add the case")
+        pairs.append(MapPair(case_id, map_path, cases[case_id]))
+    if not pairs:
+        raise InputError(f"{maps_dir}: no <case_id>_anomaly.nii.gz map found; run inference first or check the folder")
+    return pairs
+
+
+def load_case_for_scoring(path: Path) -> Case:
+    """Load a case with one image (the first of :data:`PREFERRED_MODALITIES` present) and its labels."""
+    errors: list[InputError] = []
+    for modality in PREFERRED_MODALITIES:
+        try:
+            return load_case(path, modalities=[modality])
+        except InputError as exc:
+            errors.append(exc)
+    # Show a real fault (corrupt file, bad labels) rather than "modality not found".
+    raise next((e for e in errors if "none of the requested modalities" not in str(e)), errors[0])
+
+
+def load_pair(pair: MapPair, region: str) -> LoadedPair:
+    """Read a map and its case; checks grid, score range, segmentation and brain mask."""
+    case = load_case_for_scoring(pair.case_path)
+    if case.seg is None:
+        raise InputError(f"{pair.case_path}: case {pair.case_id} has no segmentation; evaluation needs ground truth")
+    data, img = read_nifti(pair.map_path)
+    if not Geometry.from_image(img).same_grid(case.geometry):
+        raise InputError(f"{pair.map_path}: shape {tuple(img.shape)} or affine differs from case {pair.case_id}'s "
+                         f"grid {case.geometry.source_shape}; save maps with save_volume(map, like=case, path)")
+    scores = np.ascontiguousarray(case.geometry.to_canonical(np.asarray(data, dtype=np.float32)))
+    check_scores(scores, str(pair.map_path))
+    if not case.brain_mask.any():
+        raise InputError(f"{pair.case_path}: brain mask of case {pair.case_id} is empty (all-zero image); check the case files")
+    brain = case.brain_mask
+    return LoadedPair(scores, case.whole_tumour, brain, brain if region == "brain" else None)
+
+
+def score_case(pair: MapPair, loaded: LoadedPair, threshold: float) -> CaseScore:
+    """Volume metrics and slice Dice of one case at ``threshold`` (voxels ``>=`` it are tumour)."""
+    predicted = loaded.scores >= threshold
+    slices = slice_dice(predicted, loaded.tumour, loaded.region)
+    positions = slice_positions(loaded.brain)[slices.index]
+    return CaseScore(pair.case_id, pair.map_path.name, volume_metrics(predicted, loaded.tumour, loaded.region),
+                     slices, positions)
+
+
+def score_maps(pairs: list[MapPair], threshold_rule: str | float, region: str, data_dir: Path,
+               what: str = "") -> RunScores:
+    """Score every pair; with ``'f1max'`` the threshold is the pooled F1-max one (a first pass pools).
+
+    Raises:
+        InputError: Bad map or case, or no tumour voxel at all under ``'f1max'``.
+    """
+    run = RunScores(threshold_rule="f1max" if threshold_rule == "f1max" else "fixed", region=region)
+    if threshold_rule == "f1max":
+        for pair in _progress(pairs, f"{what}pooling (F1-max threshold)"):
+            loaded = load_pair(pair, region)
+            run.pooled.update(loaded.scores, loaded.tumour, loaded.region, source=str(pair.map_path))
+        run.threshold = run.pooled.f1max_threshold()
+        if math.isnan(run.threshold):
+            raise InputError(f"{data_dir}: no tumour voxel in any segmentation; "
+                             "the F1-max threshold is undefined, give a number to --threshold")
+    else:
+        run.threshold = float(threshold_rule)
+    for pair in _progress(pairs, f"{what}evaluating"):
+        loaded = load_pair(pair, region)
+        if threshold_rule != "f1max":
+            run.pooled.update(loaded.scores, loaded.tumour, loaded.region, source=str(pair.map_path))
+        run.cases.append(score_case(pair, loaded, run.threshold))
+    return run
+
+
+def lesion_slices(run: RunScores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pooled ``(distances, dices, lesion_voxels)`` of every slice with ground-truth lesion."""
+    keep = [case.lesion_mask for case in run.cases]
+    return (np.concatenate([c.positions[k] for c, k in zip(run.cases, keep)]),
+            np.concatenate([c.slices.dice[k] for c, k in zip(run.cases, keep)]),
+            np.concatenate([c.slices.lesion_voxels[k] for c, k in zip(run.cases, keep)]))
+
+
+def summarise(run: RunScores) -> dict[str, Any]:
+    """The ``summary.json`` of a run (NaN written as ``None``; see ``docs/metrics.md``)."""
+    summary: dict[str, Any] = {}
+    for name in METRIC_NAMES:
+        values = np.array([case.metrics[name] for case in run.cases], dtype=np.float64)
+        summary[f"{name}_mean"] = float(values.mean())
+        summary[f"{name}_sd"] = float(values.std(ddof=1)) if values.size > 1 else None
+    pooled = run.pooled
+    summary.update(
+        auroc=pooled.auroc(), f1max=pooled.f1max(), f1max_threshold=pooled.f1max_threshold(),
+        pooled_exact=pooled.is_exact, pooled_voxels=pooled.n_voxels,
+        threshold=run.threshold, threshold_rule=run.threshold_rule,
+        region=run.region, n_cases=len(run.cases),
+    )
+    distances, dices, sizes = lesion_slices(run)
+    rho, p = size_dice_spearman(sizes, dices)
+    summary["slice_size_dice_spearman"] = {"rho": rho, "p": p, "n_slices": int(dices.size)}
+    case_sizes = [case.metrics["tumour_voxels"] for case in run.cases]
+    rho, p = size_dice_spearman(case_sizes, [case.metrics["dice"] for case in run.cases])
+    summary["case_size_dice_spearman"] = {"rho": rho, "p": p, "n_cases": len(case_sizes)}
+    profile = distance_profile(distances, dices, bins=DISTANCE_BINS)
+    summary["distance_profile"] = {"edges": np.round(profile.edges, 12).tolist(), "mean_dice": profile.mean_dice.tolist(),
+                                   "n_lesion_slices": profile.n_slices.tolist()}
+    return nan_to_none(summary)
+
+
+def nan_to_none(value: Any) -> Any:
+    """Replace NaN floats (also nested in dicts and lists) by ``None`` for JSON."""
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nan_to_none(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _progress(pairs: Iterable[MapPair], what: str) -> tqdm:
+    # disable=None: a bar only on a terminal, so piped stderr keeps just the one-line errors.
+    return tqdm(pairs, desc=what, unit="case", file=sys.stderr, disable=None, leave=False)
+
+
+RANDOM_WEIGHTS_LABEL = "random weights"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One inference run (a method in a setup): its folder and provenance from ``infer.json``."""
+
+    path: Path
+    method: str
+    setup: str
+    backbone: str
+    random_weights: bool
+
+    @property
+    def name(self) -> str:
+        """``method / setup`` for labels."""
+        return f"{self.method} / {self.setup}"
+
+
+def read_run(path: Path, setup: str | None = None) -> RunInfo:
+    """Read a run folder's ``infer.json``; the setup comes from it, else ``setup``, else ``<method>-<setup>`` names.
+
+    Raises:
+        InputError: Not a folder, unreadable ``infer.json``, or no way to tell the method or setup.
+    """
+    import json
+
+    if not path.is_dir():
+        raise InputError(f"{path}: no such run folder; give folders written by 'napari-clip-ad infer'")
+    info: dict[str, Any] = {}
+    meta = path / "infer.json"
+    if meta.is_file():
+        try:
+            info = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{meta}: not readable JSON ({exc}); rerun inference or fix the file") from None
+        if not isinstance(info, dict):
+            raise InputError(f"{meta}: expected a JSON object; rerun inference or fix the file")
+    name = path.resolve().name
+    method = str(info.get("method") or name.split("-", 1)[0])
+    chosen = info.get("setup") or setup
+    if not chosen and name.lower().startswith(method.lower() + "-") and len(name) > len(method) + 1:
+        chosen = name[len(method) + 1:]
+    if not chosen:
+        raise InputError(f"{path}: cannot tell the run's setup (no 'setup' in infer.json, folder not named "
+                         f"<method>-<setup>); give --setup or rename the folder, e.g. {method}-industrial")
+    backbone = str(info.get("backbone") or "unknown")
+    random_weights = bool(info.get("random_weights")) or RANDOM_WEIGHTS_LABEL in backbone.lower()
+    return RunInfo(path, method, str(chosen), backbone, random_weights)
