@@ -151,8 +151,8 @@ def test_f1max_threshold_is_per_run(tiny_runs):
         pooled = PixelAccumulator()
         for path in find_cases(data):
             case = load_case(path)
-            data = nib.load(run / f"{case.case_id}_anomaly.nii.gz").dataobj
-            scores = case.geometry.to_canonical(np.asarray(data, dtype=np.float32))
+            raw = nib.load(run / f"{case.case_id}_anomaly.nii.gz").dataobj
+            scores = case.geometry.to_canonical(np.asarray(raw, dtype=np.float32))
             pooled.update(scores, case.whole_tumour)
         assert float(row["threshold"]) == pooled.f1max_threshold()
         assert row["threshold_rule"] == "f1max"
