@@ -1,0 +1,58 @@
+"""VAND / APRIL-GAN's text side: the state-word x template prompt ensemble.
+
+Official reference: ByChelsea/VAND-APRIL-GAN (commit f13b8a6), ``prompt_ensemble.py``
+(``encode_text_with_prompt_ensemble``). The object name fills ``{}`` of each state phrase, each
+phrase fills ``{}`` of every template (state-major order); per state all sentences are encoded with
+the standard ``encode_text``, L2-normalised, averaged and L2-normalised again.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+NORMAL_STATES: tuple[str, ...] = (
+    "{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect", "{} without damage",
+)
+ABNORMAL_STATES: tuple[str, ...] = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
+TEMPLATES: tuple[str, ...] = (
+    "a bad photo of a {}.", "a low resolution photo of the {}.", "a bad photo of the {}.", "a cropped photo of the {}.",
+    "a bright photo of a {}.", "a dark photo of the {}.", "a photo of my {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.", "a photo of the {}.",
+    "a good photo of the {}.", "a photo of one {}.", "a close-up photo of the {}.", "a photo of a {}.",
+    "a low resolution photo of a {}.", "a photo of a large {}.", "a blurry photo of a {}.",
+    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a photo of the small {}.",
+    "a photo of the large {}.", "a black and white photo of a {}.", "a dark photo of a {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "there is a {} in the scene.", "there is the {} in the scene.",
+    "this is a {} in the scene.", "this is the {} in the scene.", "this is one {} in the scene.",
+)
+
+
+def prompt_sentences(object_name: str) -> tuple[list[str], list[str]]:
+    """All (normal, abnormal) sentences for ``object_name``, in the official order (states outer)."""
+    def expand(states: tuple[str, ...]) -> list[str]:
+        return [template.format(state.format(object_name)) for state in states for template in TEMPLATES]
+
+    return expand(NORMAL_STATES), expand(ABNORMAL_STATES)
+
+
+@torch.no_grad()
+def encode_state_text(clip: nn.Module, tokenizer: Callable[..., torch.Tensor], object_name: str) -> torch.Tensor:
+    """Normalised (normal, abnormal) text features (2, E), as ``encode_text_with_prompt_ensemble``.
+
+    Args:
+        clip: open_clip CLIP model (its standard ``encode_text`` is used).
+        tokenizer: The model's tokenizer.
+        object_name: Word filling the prompts (the official code uses the class name).
+    """
+    device = next(clip.parameters()).device
+    features = []
+    for sentences in prompt_sentences(object_name):
+        embedded = clip.encode_text(tokenizer(sentences).to(device)).float()
+        embedded = embedded / embedded.norm(dim=-1, keepdim=True)
+        mean = embedded.mean(dim=0)
+        features.append(mean / mean.norm())
+    return torch.stack(features)
