@@ -1,0 +1,62 @@
+"""``napari-clip-ad train``: train a method's parts on a BraTS cohort (frozen CLIP), headless."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` command."""
+    from ..train.config import SETUPS
+
+    p = subparsers.add_parser("train", help="train a method's trainable parts on a cohort (CLIP stays frozen)")
+    p.add_argument("--method", required=True, help="vand, anomalyclip, adaclip (anovl is training-free)")
+    p.add_argument("--setup", required=True, choices=SETUPS,
+                   help="industrial: released weights, no training; finetune: train from released weights; "
+                        "brats: random-init parts; pmc: PMC-CLIP backbone, random-init parts")
+    p.add_argument("--data", type=Path, required=True, help="cohort folder of labelled cases")
+    p.add_argument("--split", type=Path, default=None, help="split.json (default: a seeded 70/30 patient split saved in --out)")
+    p.add_argument("--out", type=Path, required=True, help="run folder (config, split, metrics.jsonl, checkpoints/)")
+    p.add_argument("--config", type=Path, default=None, help="JSON config (e.g. training/configs/vand-brats.json)")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/last.safetensors")
+    p.add_argument("--backbone", default=None)
+    p.add_argument("--weights", default=None, help="starting weights for finetune (released name or file)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--modality", default=None, help="t2w (default), t1n, t1c, t2f, or three joined by '+'")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-slices-per-case", type=int, default=None, help="keep this many brain slices per case (quick runs)")
+    p.add_argument("--no-cache", action="store_true", help="run the frozen encoder every step (no feature cache)")
+    p.add_argument("--stop-after-epoch", type=int, default=None, help="stop after this epoch (resume later with --resume)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the config, then train (or, for ``industrial``, write the config and stop)."""
+    from ..atomic import write_json
+    from ..errors import InputError
+    from ..train import resolve_config, run_training
+
+    if args.weights is not None and args.setup in ("brats", "pmc"):
+        raise InputError(f"--weights is for setups industrial/finetune; setup {args.setup!r} trains from random init")
+    config = resolve_config(
+        args.method, args.setup, args.config, backbone=args.backbone, weights=args.weights, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, modality=args.modality, device=args.device, seed=args.seed,
+        max_slices_per_case=args.max_slices_per_case, stop_after_epoch=args.stop_after_epoch,
+        cache=False if args.no_cache else None,
+    )
+    if config.setup == "industrial" or config.epochs == 0:
+        write_json(args.out / "config.json", config.to_dict())
+        print(f"setup {config.setup!r}: released weights {config.weights!r} are used as published; nothing to train "
+              f"(resolved config written to {args.out / 'config.json'})", file=sys.stderr)
+        return 0
+    history = run_training(config, args.data, args.out, args.split, resume=args.resume)
+    for record in history:
+        print(json.dumps(record))
+    print(args.out / "checkpoints" / "last.safetensors")
+    return 0

@@ -1,0 +1,146 @@
+"""Training configuration: the study's per-method settings (Table 2), setups, file + CLI overrides."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+SETUPS = ("industrial", "finetune", "brats", "pmc")
+"""industrial: released weights, nothing trained; finetune: released weights trained further;
+brats: trainable parts from random init; pmc: PMC-CLIP backbone, random-init trainable parts."""
+
+PMC_BACKBONE = "pmc-vit-l-14"
+
+STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Study Table 2 (image size 240 for all). Optimiser settings from the official train.py files. layers None =
+    # the method's default taps, which are the study's (VAND/AnomalyCLIP 6 12 18 24, AdaCLIP 3 6 9), scaled on
+    # shallower backbones.
+    "vand": {"epochs": 10, "batch_size": 8, "lr": 1e-3, "betas": [0.5, 0.999], "layers": None,
+             "released": "vand-mvtec"},
+    "anomalyclip": {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": [0.5, 0.999], "layers": None,
+                    "released": "anomalyclip-mvtec"},
+    "adaclip": {"epochs": 5, "batch_size": 1, "lr": 1e-2, "betas": [0.5, 0.999], "layers": None,
+                "released": "adaclip-mvtec-colondb", "options": {"prompting_depth": 4}},
+    "anovl": {"epochs": 0, "batch_size": 8, "lr": 0.0, "betas": [0.5, 0.999], "layers": None, "released": None},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (saved as RUN_DIR/config.json).
+
+    Attributes:
+        method: Method name. setup: one of :data:`SETUPS`.
+        backbone: Backbone name (None: the method's default; ``pmc`` forces ``pmc-vit-l-14``).
+        weights: Starting weights for ``finetune`` (released name or file); None elsewhere.
+        epochs, batch_size, lr, betas: Optimisation (Adam, as the official scripts).
+        image_size: Square input size. layers: tapped blocks (None: method default).
+        options: Extra method options. modality: 't2w', or three joined by '+'.
+        seed: Seeds the split, the random init, augmentation and the batch order.
+        test_fraction: Patient fraction held out as the test split when no split file is given.
+        val_fraction: Patient fraction of the train split used for validation (at least one patient).
+        augment: Seeded flips, small rotation/scale, intensity jitter. views: augmented views per slice
+            (view 0 is the un-augmented slice); each epoch samples one view per slice.
+        cache: Compute the frozen encoder once per (slice, view) and keep it in memory.
+        balance: Subsample the larger of tumour / normal slices to the size of the other.
+        max_slices_per_case: Keep at most this many brain slices per case (evenly spaced); None: all.
+        threshold: Map threshold for val_dice. device: 'auto', 'cpu', 'cuda'...
+        stop_after_epoch: Stop (as if killed) after this epoch; for resume tests.
+    """
+
+    method: str = "vand"
+    setup: str = "brats"
+    backbone: str | None = None
+    weights: str | None = None
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    image_size: int = 240
+    layers: list[int] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    modality: str = "t2w"
+    seed: int = 0
+    test_fraction: float = 0.3
+    val_fraction: float = 0.2
+    augment: bool = True
+    views: int = 4
+    cache: bool = True
+    balance: bool = False
+    max_slices_per_case: int | None = None
+    threshold: float = 0.5
+    device: str = "auto"
+    stop_after_epoch: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict."""
+        return asdict(self)
+
+    def method_options(self) -> dict[str, Any]:
+        """Keyword options for ``build_method`` (layers + extra options)."""
+        options = dict(self.options)
+        if self.layers is not None:
+            options["layers"] = list(self.layers)
+        return options
+
+
+def default_config(method: str, setup: str) -> TrainConfig:
+    """The study's settings for a method and setup."""
+    method = method.lower()
+    if setup not in SETUPS:
+        raise InputError(f"unknown setup {setup!r}; use one of {', '.join(SETUPS)}")
+    study = STUDY_DEFAULTS.get(method, {})
+    config = TrainConfig(method=method, setup=setup)
+    for key in ("epochs", "batch_size", "lr", "betas", "layers"):
+        if key in study:
+            setattr(config, key, study[key])
+    config.options = dict(study.get("options", {}))
+    if setup in ("industrial", "finetune"):
+        config.weights = study.get("released")
+    if setup == "pmc":
+        config.backbone = PMC_BACKBONE
+    return config
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON config file (keys of :class:`TrainConfig`)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a JSON config ({str(exc).splitlines()[0]}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a config must be a JSON object with TrainConfig keys")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(raw) - known - {"comment"})
+    if unknown:
+        raise InputError(f"{path}: unknown config keys {unknown}; known keys: {', '.join(sorted(known))}")
+    raw.pop("comment", None)
+    return raw
+
+
+def resolve_config(method: str, setup: str, file: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Study defaults, then the config file, then non-None overrides (CLI flags)."""
+    config = default_config(method, setup)
+    values = load_config_file(file) if file is not None else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in values.items():
+        setattr(config, key, value)
+    config.method, config.setup = config.method.lower(), config.setup
+    if config.setup not in SETUPS:
+        raise InputError(f"unknown setup {config.setup!r}; use one of {', '.join(SETUPS)}")
+    if config.setup == "pmc" and config.backbone in (None, ""):
+        config.backbone = PMC_BACKBONE
+    if config.setup in ("brats", "pmc"):
+        config.weights = None
+    if config.epochs < 0 or config.batch_size < 1 or config.views < 1:
+        raise InputError(f"epochs must be >= 0, batch size >= 1 and views >= 1 (got {config.epochs}, {config.batch_size}, {config.views})")
+    if not 0.0 < config.val_fraction < 1.0:
+        raise InputError(f"val_fraction must be in (0, 1), got {config.val_fraction}")
+    return config

@@ -1,0 +1,72 @@
+"""Losses as in the official train.py files (VAND-APRIL-GAN, AnomalyCLIP, AdaCLIP): focal + dice on maps.
+
+Official ``FocalLoss(gamma=2, smooth=1e-5)`` on the 2-channel (normal, abnormal) probability map of each
+tapped layer, plus ``BinaryDiceLoss`` on the abnormal channel vs the mask and on the normal channel vs
+1 - mask; AnomalyCLIP adds cross-entropy of the image-level (normal, abnormal) logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
+    """The official FocalLoss (alpha None, balance_index 0) on probabilities.
+
+    Args:
+        probs: (B, 2, H, W) probabilities of (normal, abnormal).
+        target: (B, H, W) in {0, 1}.
+    """
+    n_class = probs.shape[1]
+    flat = probs.permute(0, 2, 3, 1).reshape(-1, n_class)
+    one_hot = F.one_hot(target.reshape(-1).long(), n_class).to(flat.dtype)
+    one_hot = one_hot.clamp(smooth / (n_class - 1), 1.0 - smooth)
+    pt = (one_hot * flat).sum(dim=1) + smooth
+    return (-((1.0 - pt) ** gamma) * pt.log()).mean()
+
+
+def dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """The official BinaryDiceLoss: 1 - mean over the batch of (2|X.Y| + 1) / (|X| + |Y| + 1)."""
+    n = target.shape[0]
+    x, y = prob.reshape(n, -1), target.reshape(n, -1)
+    dice = (2 * (x * y).sum(dim=1) + smooth) / (x.sum(dim=1) + y.sum(dim=1) + smooth)
+    return 1.0 - dice.sum() / n
+
+
+def map_losses(layer_probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Sum over tapped layers of focal + dice(abnormal, mask) + dice(normal, 1 - mask).
+
+    Args:
+        layer_probs: (B, L, 2, H, W) per-layer (normal, abnormal) probabilities at mask size.
+        masks: (B, H, W) in {0, 1}.
+    """
+    total = layer_probs.new_zeros(())
+    for layer in range(layer_probs.shape[1]):
+        probs = layer_probs[:, layer].float()
+        total = total + focal_loss(probs, masks) + dice_loss(probs[:, 1], masks) + dice_loss(probs[:, 0], 1.0 - masks)
+    return total
+
+
+def method_loss(details: Any, masks: torch.Tensor, image_loss: bool) -> torch.Tensor:
+    """Training loss of one batch from a method's head output.
+
+    Args:
+        details: An object with ``layer_probs`` (B, L, 2, H, W) and optionally ``image_logits`` (B, 2)
+            (e.g. AnomalyCLIP's ``HeadDetails``), or an :class:`AnomalyOutput` whose unit maps are
+            treated as one layer's abnormal probability.
+        masks: (B, H, W) in {0, 1}.
+        image_loss: Add cross-entropy of the image logits against "slice has tumour" (AnomalyCLIP).
+    """
+    layer_probs = getattr(details, "layer_probs", None)
+    if layer_probs is None:
+        abnormal = details.unit_maps()
+        layer_probs = torch.stack([1.0 - abnormal, abnormal], dim=1)[:, None]
+    loss = map_losses(layer_probs, masks)
+    logits = getattr(details, "image_logits", None)
+    if image_loss and logits is not None:
+        labels = masks.flatten(1).amax(dim=1).long()
+        loss = loss + F.cross_entropy(logits.float(), labels)
+    return loss

@@ -1,0 +1,100 @@
+"""One call from a cohort folder to a trained run folder: split, slices, training, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import write_json
+from ..errors import InputError
+from ..io import Split, case_id_of, find_cases, load_split, patient_id, save_split, split_cases
+from ..methods import resolve_device
+from .config import TrainConfig
+from .data import load_slices
+from .loop import Trainer, build_trainable, init_distributed, modalities_of
+
+
+def validation_split(train_ids: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out ``fraction`` of the training patients (at least one) for validation: (fit, val) ids."""
+    patients = sorted({patient_id(i) for i in train_ids})
+    if len(patients) < 2:
+        raise InputError(f"the training split has {len(patients)} patient(s); training needs at least 2 (one for validation)")
+    order = np.random.default_rng([seed, 1]).permutation(len(patients))
+    n_val = min(len(patients) - 1, max(1, int(round(fraction * len(patients)))))
+    held = {patients[i] for i in order[:n_val]}
+    return [i for i in train_ids if patient_id(i) not in held], [i for i in train_ids if patient_id(i) in held]
+
+
+def resolve_split(config: TrainConfig, cases: list[Path], run_dir: Path, split_file: Path | None, resume: bool) -> Split:
+    """The given split, the run's saved one (resume), or a new seeded patient-level split saved in run_dir."""
+    saved = run_dir / "split.json"
+    if split_file is not None:
+        split = load_split(split_file)
+    elif resume and saved.is_file():
+        split = load_split(saved)
+    else:
+        split = split_cases(cases, test_fraction=config.test_fraction, seed=config.seed)
+    known = {case_id_of(p) for p in cases}
+    missing = sorted(set(split.train) - known)
+    if missing:
+        raise InputError(f"{split_file or saved}: training cases {missing[:3]} are not in the data folder; use the matching --data")
+    return split
+
+
+def _check_resume(run_dir: Path, config: TrainConfig) -> None:
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise InputError(f"{saved}: not found; --resume needs a run folder written by 'napari-clip-ad train'")
+    before = json.loads(saved.read_text(encoding="utf-8"))
+    loose = {"stop_after_epoch", "device", "epochs"}
+    changed = sorted(k for k, v in config.to_dict().items() if k not in loose and before.get(k) != v)
+    if changed:
+        raise InputError(f"{saved}: --resume with different settings {changed}; use the run's settings or a new --out")
+
+
+def run_training(
+    config: TrainConfig,
+    data_dir: str | Path,
+    run_dir: str | Path,
+    split_file: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train ``config`` on the cohort in ``data_dir``; write everything into ``run_dir``.
+
+    Writes config.json, split.json, metrics.jsonl, checkpoints/{last,best}.safetensors (+ .json) and
+    checkpoints/train_state.safetensors (+ .json). Returns the metrics of the epochs run here.
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(config.device)
+    distributed = init_distributed(device)
+    if device.type == "cuda" and distributed.world > 1:
+        import torch
+
+        device = torch.device("cuda", distributed.rank % torch.cuda.device_count())
+    cases = find_cases(data_dir)
+    if resume:
+        _check_resume(run_dir, config)
+    split = resolve_split(config, cases, run_dir, Path(split_file) if split_file else None, resume)
+    fit_ids, val_ids = validation_split(split.train, config.val_fraction, config.seed)
+    if distributed.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_split(split, run_dir / "split.json")
+        write_json(run_dir / "config.json", config.to_dict())
+        write_json(run_dir / "validation.json", {"fit": fit_ids, "val": val_ids, "split": asdict(split),
+                                                       "world_size": distributed.world})
+        if not resume and (run_dir / "metrics.jsonl").exists():
+            (run_dir / "metrics.jsonl").unlink()
+    by_id = {case_id_of(p): p for p in cases}
+    modalities = modalities_of(config)
+    train = load_slices([by_id[i] for i in fit_ids], modalities, config.max_slices_per_case, config.balance, config.seed)
+    val = load_slices([by_id[i] for i in val_ids], modalities, config.max_slices_per_case, False, config.seed)
+    method = build_trainable(config, device)
+    trainer = Trainer(config, method, train, val, run_dir, distributed, progress=progress)
+    if resume:
+        trainer.resume()
+    return trainer.fit()
