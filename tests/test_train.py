@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from napari_clip_ad import build_method
 from napari_clip_ad.cli import main as cli_main
+from napari_clip_ad.errors import InputError
 from napari_clip_ad.train import TrainConfig, Trainer, build_trainable, resolve_config, run_training
 from napari_clip_ad.train.data import Augmentation, augmented_batch, load_slices
 from napari_clip_ad.train.losses import dice_loss, focal_loss
@@ -164,3 +165,34 @@ def test_industrial_setup_trains_nothing(cohort: Path, tmp_path: Path, capsys: p
     assert status == 0 and "nothing to train" in capsys.readouterr().err
     assert json.loads((tmp_path / "config.json").read_text())["weights"] == "vand-mvtec"
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_shipped_configs_resolve_and_cli_flags_override() -> None:
+    root = Path(__file__).resolve().parents[1] / "training" / "configs"
+    files = sorted(root.glob("*.json"))
+    assert len(files) >= 13
+    for path in files:
+        method, setup = path.stem.split("-", 1)
+        config = resolve_config(method, setup, path)
+        assert (config.backbone == "pmc-vit-l-14") == (setup == "pmc") and (config.weights is None) == (setup in ("brats", "pmc") or method == "anovl")
+    config = resolve_config("vand", "brats", root / "vand-brats.json", epochs=3, lr=0.5, seed=9)
+    assert (config.epochs, config.lr, config.seed, config.batch_size) == (3, 0.5, 9, 8)
+    with pytest.raises(InputError, match="config is for method"):
+        resolve_config("anomalyclip", "brats", root / "vand-brats.json")
+
+
+@pytest.mark.parametrize("name", ["vand", "adaclip"])
+def test_other_methods_train_with_their_losses(cohort: Path, tmp_path: Path, name: str) -> None:
+    cases = sorted(cohort.iterdir())
+    train, val = load_slices(cases[:1], ["t2f"], max_slices_per_case=4), load_slices(cases[1:2], ["t2f"], max_slices_per_case=2)
+    config = resolve_config(name, "brats", backbone="tiny-test", image_size=IMAGE_SIZE, epochs=1, batch_size=2, device="cpu")
+    method = build_trainable(config, torch.device("cpu"))
+    before = {k: v.clone() for k, v in method.trainable_state_dict().items()}
+    frozen = {k: v.clone() for k, v in method.clip.state_dict().items()}
+    trainer = Trainer(config, method, train, val, tmp_path, progress=False)
+    assert trainer.cached == (name == "vand") and type(trainer.optimizer).__name__ == ("AdamW" if name == "adaclip" else "Adam")
+    loss = trainer.train_epoch(1)
+    assert np.isfinite(loss) and loss > 0
+    assert any(not torch.equal(v, method.trainable_state_dict()[k]) for k, v in before.items())
+    trained = {f"{p}.{q}" for p, part in method.trainable_parts().items() for q, _ in part.named_parameters()}
+    assert all(torch.equal(v, method.clip.state_dict()[k]) for k, v in frozen.items() if k not in trained)

@@ -24,7 +24,7 @@ STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
     "anomalyclip": {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": [0.5, 0.999], "layers": None,
                     "released": "anomalyclip-mvtec"},
     "adaclip": {"epochs": 5, "batch_size": 1, "lr": 1e-2, "betas": [0.5, 0.999], "layers": None,
-                "released": "adaclip-mvtec-colondb", "options": {"prompting_depth": 4}},
+                "released": "adaclip-mvtec-colondb", "options": {"prompting_depth": 4}, "optimizer": "adamw"},
     "anovl": {"epochs": 0, "batch_size": 8, "lr": 0.0, "betas": [0.5, 0.999], "layers": None, "released": None},
 }
 
@@ -37,7 +37,8 @@ class TrainConfig:
         method: Method name. setup: one of :data:`SETUPS`.
         backbone: Backbone name (None: the method's default; ``pmc`` forces ``pmc-vit-l-14``).
         weights: Starting weights for ``finetune`` (released name or file); None elsewhere.
-        epochs, batch_size, lr, betas: Optimisation (Adam, as the official scripts).
+        epochs, batch_size, lr, betas, optimizer: Optimisation as the official scripts ('adam'; AdaCLIP
+            'adamw' with torch's default weight decay 0.01).
         image_size: Square input size. layers: tapped blocks (None: method default).
         options: Extra method options. modality: 't2w', or three joined by '+'.
         seed: Seeds the split, the random init, augmentation and the batch order.
@@ -60,6 +61,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    optimizer: str = "adam"
     image_size: int = 240
     layers: list[int] | None = None
     options: dict[str, Any] = field(default_factory=dict)
@@ -95,7 +97,7 @@ def default_config(method: str, setup: str) -> TrainConfig:
         raise InputError(f"unknown setup {setup!r}; use one of {', '.join(SETUPS)}")
     study = STUDY_DEFAULTS.get(method, {})
     config = TrainConfig(method=method, setup=setup)
-    for key in ("epochs", "batch_size", "lr", "betas", "layers"):
+    for key in ("epochs", "batch_size", "lr", "betas", "layers", "optimizer"):
         if key in study:
             setattr(config, key, study[key])
     config.options = dict(study.get("options", {}))
@@ -129,6 +131,9 @@ def resolve_config(method: str, setup: str, file: str | Path | None = None, **ov
     """Study defaults, then the config file, then non-None overrides (CLI flags)."""
     config = default_config(method, setup)
     values = load_config_file(file) if file is not None else {}
+    for key, given in (("method", method), ("setup", setup)):
+        if key in values and str(values[key]).lower() != given.lower():
+            raise InputError(f"{file}: config is for {key} {values[key]!r} but {given!r} was asked for; use the matching config")
     values.update({k: v for k, v in overrides.items() if v is not None})
     for key, value in values.items():
         setattr(config, key, value)
@@ -139,6 +144,8 @@ def resolve_config(method: str, setup: str, file: str | Path | None = None, **ov
         config.backbone = PMC_BACKBONE
     if config.setup in ("brats", "pmc"):
         config.weights = None
+    if config.optimizer not in ("adam", "adamw"):
+        raise InputError(f"optimizer {config.optimizer!r} is not supported; use 'adam' or 'adamw'")
     if config.epochs < 0 or config.batch_size < 1 or config.views < 1:
         raise InputError(f"epochs must be >= 0, batch size >= 1 and views >= 1 (got {config.epochs}, {config.batch_size}, {config.views})")
     if not 0.0 < config.val_fraction < 1.0:

@@ -101,12 +101,12 @@ class Trainer:
     def __post_init__(self) -> None:
         self.device = self.method.device
         self.params = [p for part in self.method.trainable_parts().values() for p in part.parameters()]
-        self.optimizer = torch.optim.Adam(self.params, lr=self.config.lr, betas=tuple(self.config.betas))
+        optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[self.config.optimizer]
+        self.optimizer = optimizer(self.params, lr=self.config.lr, betas=tuple(self.config.betas))
         self.views = self.config.views if self.config.augment else 1
         self.cached = self.config.cache and supports_cache(self.method)
         self.train_cache = FeatureCache(len(self.train), self.views)
         self.val_cache = FeatureCache(len(self.val), 1)
-        self.image_loss = self.config.method == "anomalyclip"
         self.epoch, self.step, self.best = 0, 0, -1.0
 
     # --- features ----------------------------------------------------------------------------
@@ -150,6 +150,8 @@ class Trainer:
         if supports_cache(self.method):
             return self._head(self._encode(images)), masks
         with _autocast(self.device):
+            if callable(getattr(self.method, "forward_details", None)):
+                return self.method.forward_details(images), masks
             return self.method(images), masks
 
     # --- epochs ------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ class Trainer:
             loss_value = torch.zeros((), device=self.device)
             if local:
                 details, masks = self._forward(self.train, self.train_cache, local)
-                loss = method_loss(details, masks, self.image_loss) * (len(local) / len(members))
+                loss = method_loss(details, masks, self.config.method) * (len(local) / len(members))
                 loss.backward()
                 loss_value = loss.detach().float()
             for p in self.params:

@@ -17,11 +17,11 @@ def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, sm
     """The official FocalLoss (alpha None, balance_index 0) on probabilities.
 
     Args:
-        probs: (B, 2, H, W) probabilities of (normal, abnormal).
-        target: (B, H, W) in {0, 1}.
+        probs: (B, 2, H, W) probabilities of (normal, abnormal), or (B, 2) image probabilities.
+        target: (B, H, W) or (B,) in {0, 1}.
     """
     n_class = probs.shape[1]
-    flat = probs.permute(0, 2, 3, 1).reshape(-1, n_class)
+    flat = probs if probs.ndim == 2 else probs.permute(0, 2, 3, 1).reshape(-1, n_class)
     one_hot = F.one_hot(target.reshape(-1).long(), n_class).to(flat.dtype)
     one_hot = one_hot.clamp(smooth / (n_class - 1), 1.0 - smooth)
     pt = (one_hot * flat).sum(dim=1) + smooth
@@ -50,7 +50,11 @@ def map_losses(layer_probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def method_loss(details: Any, masks: torch.Tensor, image_loss: bool) -> torch.Tensor:
+IMAGE_LOSS = {"anomalyclip": "cross_entropy", "adaclip": "focal"}
+"""Image-level loss of each method's train.py (VAND trains on the maps only)."""
+
+
+def method_loss(details: Any, masks: torch.Tensor, method: str) -> torch.Tensor:
     """Training loss of one batch from a method's head output.
 
     Args:
@@ -58,15 +62,18 @@ def method_loss(details: Any, masks: torch.Tensor, image_loss: bool) -> torch.Te
             (e.g. AnomalyCLIP's ``HeadDetails``), or an :class:`AnomalyOutput` whose unit maps are
             treated as one layer's abnormal probability.
         masks: (B, H, W) in {0, 1}.
-        image_loss: Add cross-entropy of the image logits against "slice has tumour" (AnomalyCLIP).
+        method: Method name: picks the image-level loss against "slice has tumour" (:data:`IMAGE_LOSS`):
+            cross-entropy of ``image_logits`` (AnomalyCLIP) or focal loss on ``image_probs`` (AdaCLIP).
     """
     layer_probs = getattr(details, "layer_probs", None)
     if layer_probs is None:
         abnormal = details.unit_maps()
         layer_probs = torch.stack([1.0 - abnormal, abnormal], dim=1)[:, None]
     loss = map_losses(layer_probs, masks)
-    logits = getattr(details, "image_logits", None)
-    if image_loss and logits is not None:
-        labels = masks.flatten(1).amax(dim=1).long()
-        loss = loss + F.cross_entropy(logits.float(), labels)
+    labels = masks.flatten(1).amax(dim=1).long()
+    kind = IMAGE_LOSS.get(method)
+    if kind == "cross_entropy" and getattr(details, "image_logits", None) is not None:
+        loss = loss + F.cross_entropy(details.image_logits.float(), labels)
+    elif kind == "focal" and getattr(details, "image_probs", None) is not None:
+        loss = loss + focal_loss(details.image_probs.float(), labels)
     return loss
