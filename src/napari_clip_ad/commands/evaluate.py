@@ -15,7 +15,15 @@ from typing import Any
 
 from ..atomic import write_json, write_text
 from ..errors import InputError
-from ..report.collect import METRIC_NAMES, match_maps, parse_threshold, score_maps, summarise
+from ..report.collect import (
+    LESION_COLUMNS,
+    METRIC_NAMES,
+    ScoringOptions,
+    match_maps,
+    parse_threshold,
+    score_maps,
+    summarise,
+)
 
 CSV_COLUMNS = ("case_id", *METRIC_NAMES, "tumour_voxels", "predicted_voxels", "slice_dice_mean", "n_lesion_slices", "map")
 
@@ -34,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a number in [0, 1] (voxels >= it are tumour), or 'f1max' for the pooled F1-max threshold (default 0.5)")
     parser.add_argument("--region", choices=("all", "brain"), default="all",
                         help="voxels scored: all voxels (as the reference code does) or the brain mask only (default all)")
+    parser.add_argument("--restrict-to-brain", action="store_true",
+                        help="zero every map outside its case's brain mask before scoring (AUROC and F1-max too)")
+    parser.add_argument("--min-component", type=int, default=0, metavar="VOXELS",
+                        help="drop 26-connected components smaller than VOXELS from the thresholded mask (default 0: keep all)")
+    parser.add_argument("--lesionwise", action="store_true",
+                        help="add BraTS-MET 2023 lesion-wise Dice and lesion counts per case, and their mean and sd")
     parser.add_argument("--out", required=True, type=Path, metavar="OUT_DIR", help="output folder for per_case.csv and summary.json")
     parser.set_defaults(func=run)
 
@@ -43,19 +57,23 @@ def run(args: argparse.Namespace) -> int:
     threshold_rule = parse_threshold(args.threshold)
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"{args.out}: exists and is not a folder; give a folder for --out")
+    options = ScoringOptions(restrict_to_brain=args.restrict_to_brain, min_component=args.min_component,
+                             lesionwise=args.lesionwise)
     pairs = match_maps(args.maps, args.data)
-    scores = score_maps(pairs, threshold_rule, args.region, args.data)
+    scores = score_maps(pairs, threshold_rule, args.region, args.data, options=options)
     summary = summarise(scores)
-    write_text(args.out / "per_case.csv", _csv([case.row() for case in scores.cases]))
+    columns = (*CSV_COLUMNS[:-1], *LESION_COLUMNS, CSV_COLUMNS[-1]) if args.lesionwise else CSV_COLUMNS
+    write_text(args.out / "per_case.csv", _csv([case.row() for case in scores.cases], columns))
     write_json(args.out / "summary.json", summary)
-    print(f"evaluated {len(pairs)} cases: dice {summary['dice_mean']:.4f}, AUROC {_fmt(summary['auroc'])}, "
+    lesion = f", lesion-wise dice {summary['lesion_dice_mean']:.4f}" if args.lesionwise else ""
+    print(f"evaluated {len(pairs)} cases: dice {summary['dice_mean']:.4f}{lesion}, AUROC {_fmt(summary['auroc'])}, "
           f"F1-max {_fmt(summary['f1max'])} -> {args.out}")
     return 0
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
+def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...] = CSV_COLUMNS) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})

@@ -6,12 +6,16 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..atomic import write_json
 from ..io import case_id_of, find_cases, load_case, save_volume
 from ..io.layouts import MODALITIES
+
+if TYPE_CHECKING:
+    from ..engine.views import PostOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", default=None, help="backbone registry name, ARCH:TAG, hf-hub: name or file")
     p.add_argument("--weights", default=None, help="method weights: released name or file (.pth as published, or .safetensors)")
     p.add_argument("--modality", default="t2w", help="t1n, t1c, t2w, t2f, or three joined by '+' (e.g. t1c+t2w+t2f)")
-    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    p.add_argument("--axis", default=None, choices=["axial", "coronal", "sagittal"], help="slicing axis (default axial); same as --views with one view")
+    p.add_argument("--views", default=None, choices=["axial", "coronal", "sagittal", "all"],
+                   help="slicing view; 'all' runs axial, coronal and sagittal and fuses the maps (see --fuse)")
+    p.add_argument("--fuse", default="mean", choices=["mean", "max"], help="voxel-wise fusion of the views with --views all (default mean)")
+    p.add_argument("--restrict-to-brain", action="store_true", help="zero the map outside the case's brain mask")
+    p.add_argument("--smooth3d", type=float, default=0.0, metavar="SIGMA_MM",
+                   help="3D Gaussian of SIGMA_MM millimetres on the (fused) map, using the case's voxel size (default 0: none)")
+    p.add_argument("--min-component", type=int, default=0, metavar="VOXELS",
+                   help="drop 26-connected components of the mask smaller than VOXELS (default 0: keep all)")
     p.add_argument("--threshold", type=float, default=0.5, help="mask threshold on the [0,1] map (voxel positive if >=)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
@@ -38,11 +50,24 @@ def _shard(cases: list[Path]) -> list[Path]:
     return cases[rank::world] if world > 1 else cases
 
 
+def _options(args: argparse.Namespace) -> PostOptions:
+    """The run's :class:`~napari_clip_ad.engine.views.PostOptions` (``--axis`` and ``--views`` must agree)."""
+    from ..engine.views import PostOptions
+    from ..errors import InputError
+
+    if args.views and args.axis and args.views != args.axis:
+        raise InputError(f"--axis {args.axis} and --views {args.views} disagree; give only --views")
+    views = PostOptions.parse_views(args.views or args.axis or "axial")
+    return PostOptions(views=views, fuse=args.fuse, restrict_to_brain=args.restrict_to_brain,
+                       smooth3d_mm=args.smooth3d, min_component=args.min_component)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run inference and write ``<id>_anomaly.nii.gz``, ``<id>_mask.nii.gz``, ``<id>_metrics.json``."""
     from tqdm import tqdm
 
-    from ..engine import parse_modality, run_volume
+    from ..engine import parse_modality
+    from ..engine.views import run_views, threshold_mask
     from ..errors import InputError
     from ..methods import build_method
     from ..metrics import volume_metrics
@@ -50,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     modalities = parse_modality(args.modality)
     if not 0.0 <= args.threshold <= 1.0:
         raise InputError(f"--threshold must be in [0, 1] (maps are in [0, 1]), got {args.threshold}")
+    options = _options(args)
     cases = _shard(find_cases(args.path))
     method = build_method(args.method, args.backbone, weights=args.weights, image_size=args.image_size, device=args.device)
     description = method.describe()
@@ -58,25 +84,34 @@ def run(args: argparse.Namespace) -> int:
     written: list[Path] = []
     for path in tqdm(cases, desc="cases", unit="case", file=sys.stderr, disable=len(cases) < 2):
         case = load_case(path, modalities=sorted(set(modalities), key=MODALITIES.index))
-        bar = tqdm(total=0, desc=case.case_id, unit="slice", file=sys.stderr, leave=False)
+        bars: list[tqdm] = []
 
-        def progress(done: int, total: int, bar=bar) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
+        def progress_for(view: str, case_id: str = case.case_id, bars: list = bars):
+            label = case_id if len(options.views) == 1 else f"{case_id} {view}"
+            bar = tqdm(total=0, desc=label, unit="slice", file=sys.stderr, leave=False)
+            bars.append(bar)
 
-        result = run_volume(case, method, modality=modalities, axis=args.axis, batch_size=args.batch_size, sigma=args.sigma, progress=progress)
-        bar.close()
-        mask = (result.anomaly_map >= args.threshold).astype(np.uint8)
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            return progress
+
+        anomaly_map, info, _ = run_views(case, method, options, modality=modalities, batch_size=args.batch_size,
+                                         sigma=args.sigma, progress_for=progress_for)
+        for bar in bars:
+            bar.close()
+        mask = threshold_mask(anomaly_map, args.threshold, options.min_component)
         stem = args.out / case_id_of(path)
-        written.append(save_volume(result.anomaly_map.astype(np.float32), case, f"{stem}_anomaly.nii.gz"))
+        written.append(save_volume(anomaly_map.astype(np.float32), case, f"{stem}_anomaly.nii.gz"))
         written.append(save_volume(mask, case, f"{stem}_mask.nii.gz"))
         if case.whole_tumour is not None:
             metrics = volume_metrics(mask.astype(bool), case.whole_tumour)
-            write_json(f"{stem}_metrics.json", {"case_id": case.case_id, "threshold": args.threshold, **metrics, **result.info})
+            write_json(f"{stem}_metrics.json", {"case_id": case.case_id, "threshold": args.threshold, **metrics, **info})
             written.append(Path(f"{stem}_metrics.json"))
-    write_json(args.out / "infer.json", {**description, "modality": "+".join(modalities), "axis": args.axis,
-                                         "threshold": args.threshold, "weights": getattr(method, "weights_source", None),
+    write_json(args.out / "infer.json", {**description, "modality": "+".join(modalities), "axis": "+".join(options.views),
+                                         **options.describe(), "threshold": args.threshold, "weights": getattr(method, "weights_source", None),
                                          "cases": [case_id_of(p) for p in cases]})
     for path in written:
         print(path)

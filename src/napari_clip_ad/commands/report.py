@@ -12,13 +12,14 @@ from pathlib import Path
 
 from ..atomic import atomic_path, write_text
 from ..errors import InputError
-from ..report.collect import match_maps, parse_threshold, read_run, score_maps, summarise
+from ..report.collect import ScoringOptions, match_maps, parse_threshold, read_run, score_maps, summarise
 from ..report.tables import (
     FIG1_COLUMNS,
     FIG2_COLUMNS,
     FIG3_COLUMNS,
     RUNS_COLUMNS,
     TABLE1_COLUMNS,
+    TABLE1_LESION_COLUMNS,
     TABLE3_COLUMNS,
     ScoredRun,
     fig1_rows,
@@ -49,6 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="voxels scored: all (default, as the reference code) or the brain mask only")
     parser.add_argument("--setup", default=None,
                         help="setup for runs whose infer.json has none (default: from folder names <method>-<setup>)")
+    parser.add_argument("--lesionwise", action="store_true",
+                        help="add lesion_dice_mean, lesion_dice_sd (BraTS-MET 2023 lesion-wise Dice) after Table 1's columns")
     parser.set_defaults(func=run)
 
 
@@ -69,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
     pairs = [match_maps(info.path, args.data) for info in infos]
     scored = []
     for info, run_pairs in zip(infos, pairs):
-        scores = score_maps(run_pairs, rule, args.region, args.data, what=f"{info.name}: ")
+        scores = score_maps(run_pairs, rule, args.region, args.data, what=f"{info.name}: ",
+                            options=ScoringOptions(lesionwise=args.lesionwise))
         scored.append(ScoredRun(info, scores, summarise(scores)))
-    files = _render(scored)
+    files = _render(scored, args.lesionwise)
     for name, content in files.items():
         if isinstance(content, bytes):
             with atomic_path(args.out / name) as tmp:
@@ -82,13 +86,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _render(runs: list[ScoredRun]) -> dict[str, str | bytes]:
+def _render(runs: list[ScoredRun], lesionwise: bool = False) -> dict[str, str | bytes]:
     from ..report.figures import fig1_png, fig2_png, fig3_png
 
     t1, t3 = table1_rows(runs), table3_rows(runs)
     f1, f2, f3 = fig1_rows(runs), fig2_rows(runs), fig3_rows(runs)
     files: dict[str, str | bytes] = {
-        "table1.csv": to_csv(t1, TABLE1_COLUMNS), "table1.md": table1_markdown(t1),
+        "table1.csv": to_csv(t1, TABLE1_LESION_COLUMNS if lesionwise else TABLE1_COLUMNS), "table1.md": table1_markdown(t1),
         "table3.csv": to_csv(t3, TABLE3_COLUMNS), "runs.csv": to_csv(runs_rows(runs), RUNS_COLUMNS),
         "fig1.csv": to_csv(f1, FIG1_COLUMNS), "fig2.csv": to_csv(f2, FIG2_COLUMNS), "fig3.csv": to_csv(f3, FIG3_COLUMNS),
         "fig1.png": fig1_png(f1), "fig2.png": fig2_png(f2), "fig3.png": fig3_png(f3),
@@ -107,9 +111,11 @@ def _markdown(runs: list[ScoredRun], table1: str, table3: str) -> str:
     lines += [f"{len(runs)} runs; cases per run: " + ", ".join(f"{r.info.name} {len(r.scores.cases)}" for r in runs) + ".",
               "Thresholds: " + ", ".join(f"{r.info.name} {r.scores.threshold:.4g} ({r.scores.threshold_rule})" for r in runs)
               + f"; region scored: {', '.join(sorted({region for _, region in rules}))}. Provenance: [runs.csv](runs.csv).",
+              *_options_lines(runs),
               "", "## Table 1: overall performance", "",
               "Dice, sensitivity, specificity, PPV: per volume, mean ± sd (ddof=1) over cases; AUROC and F1-max pooled "
               "over all voxels of all cases. Data: [table1.csv](table1.csv), [table1.md](table1.md).", "", table1,
+              *_lesion_lines(runs),
               "## Fig. 1: 3D Dice by method and setup", "", "![Fig. 1](fig1.png)", "", "Data: [fig1.csv](fig1.csv).", "",
               "## Fig. 2: per-subject 2D Dice", "",
               "Boxes: 2D Dice of the axial slices with lesion in the ground truth or the prediction; red crosses: 3D Dice.",
@@ -121,3 +127,27 @@ def _markdown(runs: list[ScoredRun], table1: str, table3: str) -> str:
               "Slices: lesion area of each slice with ground-truth lesion against its 2D Dice (the study's Table 3); "
               "volumes: tumour voxels of each case against its 3D Dice. Data: [table3.csv](table3.csv).", "", table3]
     return "\n".join(lines)
+
+
+def _options_lines(runs: list[ScoredRun]) -> list[str]:
+    """One line naming the inference options of runs that used any beyond the study (none: no line)."""
+    labels = []
+    for run in runs:
+        o = run.info.options
+        parts = [f"views {o['views']}" + (f" ({o['fuse']})" if o.get("fuse") else "")] if o.get("views") not in (None, "axial") else []
+        parts += ["restricted to brain"] if o.get("restrict_to_brain") else []
+        parts += [f"3D smoothing {o['smooth3d_mm']:g} mm"] if o.get("smooth3d_mm") else []
+        parts += [f"masks without components < {o['min_component']} voxels"] if o.get("min_component") else []
+        if parts:
+            labels.append(f"{run.info.name}: " + ", ".join(parts))
+    return ["Options beyond the study (see [runs.csv](runs.csv)): " + "; ".join(labels) + "."] if labels else []
+
+
+def _lesion_lines(runs: list[ScoredRun]) -> list[str]:
+    """Lesion-wise Dice per run, when scored (``--lesionwise``)."""
+    if not all("lesion_dice_mean" in run.summary for run in runs):
+        return []
+    cells = [f"{r.info.name} {r.summary['lesion_dice_mean']:.2f}"
+             + (f" ± {r.summary['lesion_dice_sd']:.2f}" if r.summary["lesion_dice_sd"] is not None else "") for r in runs]
+    return ["Lesion-wise Dice (BraTS-MET 2023 definition, mean ± sd over cases; columns `lesion_dice_mean`, "
+            "`lesion_dice_sd` of table1.csv): " + ", ".join(cells) + ".", ""]

@@ -29,12 +29,35 @@ from ..metrics import (
     slice_positions,
     volume_metrics,
 )
+from ..postprocess3d import remove_small_components, restrict_to_brain
+from .lesionwise import LesionWiseResult, lesion_wise_dice
 
 MAP_SUFFIXES = ("_anomaly.nii.gz", "_anomaly.nii")
 PREFERRED_MODALITIES = ("t2w", "t2f", "t1c", "t1n")
 """Only one image is loaded per case (for its grid and brain mask): the first of these that loads."""
 METRIC_NAMES = ("dice", "sensitivity", "specificity", "ppv")
 DISTANCE_BINS = 10
+LESION_COLUMNS = ("lesion_dice", "lesion_tp", "lesion_fn", "lesion_fp")
+"""Extra ``per_case.csv`` columns with ``--lesionwise``."""
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """Scoring beyond the study (defaults: none; see ``docs/beyond_the_study.md``).
+
+    Attributes:
+        restrict_to_brain: Zero every map outside its case's brain mask before anything is scored.
+        min_component: Drop 26-connected components under this many voxels from the thresholded mask.
+        lesionwise: Also score BraTS-MET 2023 lesion-wise Dice (:func:`~napari_clip_ad.report.lesion_wise_dice`).
+    """
+
+    restrict_to_brain: bool = False
+    min_component: int = 0
+    lesionwise: bool = False
+
+    def __post_init__(self) -> None:
+        if self.min_component < 0:
+            raise InputError(f"--min-component {self.min_component}: give a size in voxels >= 0 (0 = keep all)")
 
 
 @dataclass(frozen=True)
@@ -54,6 +77,7 @@ class LoadedPair:
     tumour: np.ndarray
     brain: np.ndarray
     region: np.ndarray | None
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -66,6 +90,7 @@ class CaseScore:
         metrics: :func:`~napari_clip_ad.metrics.volume_metrics` of the thresholded map.
         slices: 2D Dice of the slices with lesion in the ground truth or the prediction.
         positions: Normalised distance from the brain centre of each of those slices.
+        lesion: Lesion-wise Dice, when asked for.
     """
 
     case_id: str
@@ -73,6 +98,7 @@ class CaseScore:
     metrics: dict[str, float | int]
     slices: SliceDice
     positions: np.ndarray
+    lesion: LesionWiseResult | None = None
 
     @property
     def lesion_mask(self) -> np.ndarray:
@@ -82,9 +108,13 @@ class CaseScore:
     def row(self) -> dict[str, Any]:
         """The case's ``per_case.csv`` row (see ``docs/metrics.md``)."""
         dices = self.slices.dice
-        return {"case_id": self.case_id, **self.metrics,
-                "slice_dice_mean": float(dices.mean()) if dices.size else math.nan,
-                "n_lesion_slices": int(np.count_nonzero(self.lesion_mask)), "map": self.map_name}
+        row = {"case_id": self.case_id, **self.metrics,
+               "slice_dice_mean": float(dices.mean()) if dices.size else math.nan,
+               "n_lesion_slices": int(np.count_nonzero(self.lesion_mask)), "map": self.map_name}
+        if self.lesion is not None:
+            row.update(lesion_dice=self.lesion.dice, lesion_tp=self.lesion.n_tp, lesion_fn=self.lesion.n_fn,
+                       lesion_fp=self.lesion.n_fp)
+        return row
 
 
 @dataclass
@@ -96,6 +126,7 @@ class RunScores:
     threshold: float = math.nan
     threshold_rule: str = "fixed"
     region: str = "all"
+    options: ScoringOptions = field(default_factory=ScoringOptions)
 
 
 def parse_threshold(text: str) -> str | float:
@@ -144,8 +175,11 @@ def load_case_for_scoring(path: Path) -> Case:
     raise next((e for e in errors if "none of the requested modalities" not in str(e)), errors[0])
 
 
-def load_pair(pair: MapPair, region: str) -> LoadedPair:
-    """Read a map and its case; checks grid, score range, segmentation and brain mask."""
+def load_pair(pair: MapPair, region: str, restrict: bool = False) -> LoadedPair:
+    """Read a map and its case; checks grid, score range, segmentation and brain mask.
+
+    With ``restrict`` the map is zeroed outside the brain mask (after the range check).
+    """
     case = load_case_for_scoring(pair.case_path)
     if case.seg is None:
         raise InputError(f"{pair.case_path}: case {pair.case_id} has no segmentation; evaluation needs ground truth")
@@ -158,29 +192,48 @@ def load_pair(pair: MapPair, region: str) -> LoadedPair:
     if not case.brain_mask.any():
         raise InputError(f"{pair.case_path}: brain mask of case {pair.case_id} is empty (all-zero image); check the case files")
     brain = case.brain_mask
-    return LoadedPair(scores, case.whole_tumour, brain, brain if region == "brain" else None)
+    if restrict:
+        scores = restrict_to_brain(scores, brain)
+    return LoadedPair(scores, case.whole_tumour, brain, brain if region == "brain" else None, case.spacing)
 
 
-def score_case(pair: MapPair, loaded: LoadedPair, threshold: float) -> CaseScore:
-    """Volume metrics and slice Dice of one case at ``threshold`` (voxels ``>=`` it are tumour)."""
+def score_case(pair: MapPair, loaded: LoadedPair, threshold: float, options: ScoringOptions | None = None) -> CaseScore:
+    """Volume metrics and slice Dice of one case at ``threshold`` (voxels ``>=`` it are tumour).
+
+    ``options.min_component`` cleans the thresholded mask; ``options.lesionwise`` adds lesion-wise
+    Dice (on the mask and tumour inside the region, when one is given).
+    """
+    options = options or ScoringOptions()
     predicted = loaded.scores >= threshold
+    if options.min_component > 0:
+        predicted = remove_small_components(predicted, min_voxels=options.min_component)
     slices = slice_dice(predicted, loaded.tumour, loaded.region)
     positions = slice_positions(loaded.brain)[slices.index]
+    lesion = None
+    if options.lesionwise:
+        pred, gt = predicted, loaded.tumour
+        if loaded.region is not None:
+            pred, gt = pred & loaded.region, gt & loaded.region
+        lesion = lesion_wise_dice(pred, gt, spacing=loaded.spacing)
     return CaseScore(pair.case_id, pair.map_path.name, volume_metrics(predicted, loaded.tumour, loaded.region),
-                     slices, positions)
+                     slices, positions, lesion)
 
 
 def score_maps(pairs: list[MapPair], threshold_rule: str | float, region: str, data_dir: Path,
-               what: str = "") -> RunScores:
+               what: str = "", options: ScoringOptions | None = None) -> RunScores:
     """Score every pair; with ``'f1max'`` the threshold is the pooled F1-max one (a first pass pools).
+
+    ``options`` (default: none) restricts maps to the brain before pooling and scoring, and cleans
+    masks or adds lesion-wise Dice per case (pooled AUROC / F1-max use the scores, not the masks).
 
     Raises:
         InputError: Bad map or case, or no tumour voxel at all under ``'f1max'``.
     """
-    run = RunScores(threshold_rule="f1max" if threshold_rule == "f1max" else "fixed", region=region)
+    options = options or ScoringOptions()
+    run = RunScores(threshold_rule="f1max" if threshold_rule == "f1max" else "fixed", region=region, options=options)
     if threshold_rule == "f1max":
         for pair in _progress(pairs, f"{what}pooling (F1-max threshold)"):
-            loaded = load_pair(pair, region)
+            loaded = load_pair(pair, region, options.restrict_to_brain)
             run.pooled.update(loaded.scores, loaded.tumour, loaded.region, source=str(pair.map_path))
         run.threshold = run.pooled.f1max_threshold()
         if math.isnan(run.threshold):
@@ -189,10 +242,10 @@ def score_maps(pairs: list[MapPair], threshold_rule: str | float, region: str, d
     else:
         run.threshold = float(threshold_rule)
     for pair in _progress(pairs, f"{what}evaluating"):
-        loaded = load_pair(pair, region)
+        loaded = load_pair(pair, region, options.restrict_to_brain)
         if threshold_rule != "f1max":
             run.pooled.update(loaded.scores, loaded.tumour, loaded.region, source=str(pair.map_path))
-        run.cases.append(score_case(pair, loaded, run.threshold))
+        run.cases.append(score_case(pair, loaded, run.threshold, options))
     return run
 
 
@@ -217,7 +270,15 @@ def summarise(run: RunScores) -> dict[str, Any]:
         pooled_exact=pooled.is_exact, pooled_voxels=pooled.n_voxels,
         threshold=run.threshold, threshold_rule=run.threshold_rule,
         region=run.region, n_cases=len(run.cases),
+        restrict_to_brain=run.options.restrict_to_brain, min_component=run.options.min_component,
+        lesionwise=run.options.lesionwise,
     )
+    if run.options.lesionwise:
+        values = np.array([case.lesion.dice for case in run.cases], dtype=np.float64)
+        summary["lesion_dice_mean"] = float(values.mean())
+        summary["lesion_dice_sd"] = float(values.std(ddof=1)) if values.size > 1 else None
+        summary["lesion_counts"] = {key: int(sum(getattr(case.lesion, f"n_{key}") for case in run.cases))
+                                    for key in ("tp", "fn", "fp", "ignored")}
     distances, dices, sizes = lesion_slices(run)
     rho, p = size_dice_spearman(sizes, dices)
     summary["slice_size_dice_spearman"] = {"rho": rho, "p": p, "n_slices": int(dices.size)}
@@ -247,6 +308,8 @@ def _progress(pairs: Iterable[MapPair], what: str) -> tqdm:
 
 
 RANDOM_WEIGHTS_LABEL = "random weights"
+RUN_OPTION_KEYS = ("modality", "views", "fuse", "restrict_to_brain", "smooth3d_mm", "min_component")
+"""``infer.json`` keys shown with each run (missing ones are empty)."""
 
 
 @dataclass(frozen=True)
@@ -258,6 +321,7 @@ class RunInfo:
     setup: str
     backbone: str
     random_weights: bool
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -294,4 +358,7 @@ def read_run(path: Path, setup: str | None = None) -> RunInfo:
                          f"<method>-<setup>); give --setup or rename the folder, e.g. {method}-industrial")
     backbone = str(info.get("backbone") or "unknown")
     random_weights = bool(info.get("random_weights")) or RANDOM_WEIGHTS_LABEL in backbone.lower()
-    return RunInfo(path, method, str(chosen), backbone, random_weights)
+    options = {key: info.get(key) for key in RUN_OPTION_KEYS}
+    if options["views"] is None and info.get("axis"):
+        options["views"] = info["axis"]  # runs written before --views
+    return RunInfo(path, method, str(chosen), backbone, random_weights, options)

@@ -13,16 +13,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..metrics import distance_profile, size_dice_spearman
-from .collect import DISTANCE_BINS, METRIC_NAMES, RunInfo, RunScores, lesion_slices
+from .collect import DISTANCE_BINS, METRIC_NAMES, RUN_OPTION_KEYS, RunInfo, RunScores, lesion_slices
 
 TABLE1_COLUMNS = ("method", "setup", "dice_mean", "dice_sd", "sensitivity_mean", "sensitivity_sd",
                   "specificity_mean", "specificity_sd", "ppv_mean", "ppv_sd", "auroc", "f1max")
+TABLE1_LESION_COLUMNS = (*TABLE1_COLUMNS, "lesion_dice_mean", "lesion_dice_sd")
+"""Table 1 with ``report --lesionwise``: the study's 12 columns first, then lesion-wise Dice."""
 TABLE3_COLUMNS = ("method", "setup", "slice_rho", "slice_p", "n_slices", "case_rho", "case_p", "n_cases")
 FIG1_COLUMNS = ("method", "setup", "case_id", "dice")
 FIG2_COLUMNS = ("method", "setup", "case_id", "slice", "slice_dice", "lesion_voxels", "dice_3d")
 FIG3_COLUMNS = ("method", "setup", "bin_low", "bin_high", "bin_centre", "mean_dice", "n_lesion_slices")
 RUNS_COLUMNS = ("method", "setup", "backbone", "random_weights", "threshold_rule", "threshold", "region", "n_cases",
-                "pooled_exact", "run_dir")
+                "pooled_exact", "run_dir", *RUN_OPTION_KEYS)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ def table1_rows(runs: Sequence[ScoredRun]) -> list[dict[str, Any]]:
             row[f"{name}_mean"] = run.summary[f"{name}_mean"]
             row[f"{name}_sd"] = run.summary[f"{name}_sd"]
         row.update(auroc=run.summary["auroc"], f1max=run.summary["f1max"])
+        if "lesion_dice_mean" in run.summary:
+            row.update(lesion_dice_mean=run.summary["lesion_dice_mean"], lesion_dice_sd=run.summary["lesion_dice_sd"])
         rows.append(row)
     return rows
 
@@ -55,7 +59,8 @@ def runs_rows(runs: Sequence[ScoredRun]) -> list[dict[str, Any]]:
     """Provenance and threshold of every run."""
     return [{**_key(run), "backbone": run.info.backbone, "random_weights": run.info.random_weights,
              "threshold_rule": run.scores.threshold_rule, "threshold": run.scores.threshold, "region": run.scores.region,
-             "n_cases": len(run.scores.cases), "pooled_exact": run.scores.pooled.is_exact, "run_dir": str(run.info.path)}
+             "n_cases": len(run.scores.cases), "pooled_exact": run.scores.pooled.is_exact, "run_dir": str(run.info.path),
+             **{key: run.info.options.get(key) for key in RUN_OPTION_KEYS}}
             for run in runs]
 
 

@@ -1,0 +1,104 @@
+"""Options beyond the study's axial slice-by-slice setup: several views fused, and 3D post-processing.
+
+Order of the steps (as ``napari-clip-ad infer`` applies them): run the method along each view, fuse the
+maps (:func:`~napari_clip_ad.postprocess3d.fuse_views`), smooth in 3D (mm), zero outside the brain,
+threshold, then drop small 26-connected components from the mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..io import Case
+from ..methods import AnomalyMethod
+from ..postprocess3d import FUSION_MODES, fuse_views, remove_small_components, restrict_to_brain, smooth3d
+from .run import VolumeResult, run_volume
+
+AXES = ("axial", "coronal", "sagittal")
+VIEW_CHOICES = (*AXES, "all")
+
+
+@dataclass(frozen=True)
+class PostOptions:
+    """What is done to a case's maps beyond the study's setup (defaults: nothing).
+
+    Attributes:
+        views: Slicing axes; more than one are fused with ``fuse``.
+        fuse: ``'mean'`` or ``'max'`` voxel-wise fusion of the views.
+        restrict_to_brain: Zero the map outside the case's brain mask.
+        smooth3d_mm: Sigma in mm of a 3D Gaussian on the (fused) map; 0 = none.
+        min_component: Smallest 26-connected component (voxels) kept in the mask; 0 = keep all.
+    """
+
+    views: tuple[str, ...] = ("axial",)
+    fuse: str = "mean"
+    restrict_to_brain: bool = False
+    smooth3d_mm: float = 0.0
+    min_component: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.views or any(v not in AXES for v in self.views) or len(set(self.views)) != len(self.views):
+            raise InputError(f"views {self.views!r}: give distinct views among {', '.join(AXES)}, or 'all'")
+        if self.fuse not in FUSION_MODES:
+            raise InputError(f"--fuse {self.fuse!r}: use one of {', '.join(FUSION_MODES)}")
+        if not self.smooth3d_mm >= 0:
+            raise InputError(f"--smooth3d {self.smooth3d_mm}: give a sigma in mm >= 0 (0 = no smoothing)")
+        if self.min_component < 0:
+            raise InputError(f"--min-component {self.min_component}: give a size in voxels >= 0 (0 = keep all)")
+
+    @staticmethod
+    def parse_views(text: str) -> tuple[str, ...]:
+        """``'all'`` -> the three axes; ``'axial'`` -> ``('axial',)``; also ``'axial+coronal'``."""
+        if text == "all":
+            return AXES
+        return tuple(text.split("+"))
+
+    def describe(self) -> dict[str, Any]:
+        """The options as JSON-ready provenance (``views`` joined by '+')."""
+        return {"views": "+".join(self.views), "fuse": self.fuse if len(self.views) > 1 else None,
+                "restrict_to_brain": self.restrict_to_brain, "smooth3d_mm": float(self.smooth3d_mm),
+                "min_component": int(self.min_component)}
+
+
+def run_views(case: Case, method: AnomalyMethod, options: PostOptions, modality: str | Sequence[str] = "t2w",
+              progress_for: Callable[[str], Callable[[int, int], None] | None] | None = None,
+              **kwargs: Any) -> tuple[np.ndarray, dict[str, Any], list[VolumeResult]]:
+    """Run ``method`` along each view of ``options``, fuse, smooth and restrict to the brain.
+
+    Args:
+        case: A loaded case.
+        method: A built method.
+        options: Views and post-processing.
+        modality: As for :func:`~napari_clip_ad.engine.run_volume`.
+        progress_for: Gives the progress callback of one view (by name), or None.
+        **kwargs: Passed to :func:`~napari_clip_ad.engine.run_volume` (batch_size, sigma, ...).
+
+    Returns:
+        The float32 [0, 1] map, its provenance (the first view's info with ``axis`` set to the views and
+        the options added), and the single-view results.
+    """
+    results = [run_volume(case, method, modality=modality, axis=view,
+                          progress=progress_for(view) if progress_for else None, **kwargs) for view in options.views]
+    anomaly_map = results[0].anomaly_map if len(results) == 1 else fuse_views([r.anomaly_map for r in results], options.fuse)
+    if options.smooth3d_mm > 0:
+        anomaly_map = smooth3d(anomaly_map, options.smooth3d_mm, case.spacing)
+    if options.restrict_to_brain:
+        anomaly_map = restrict_to_brain(anomaly_map, case.brain_mask)
+    info = {**results[0].info, "axis": "+".join(options.views), **options.describe()}
+    if len(results) > 1:
+        info["slices_analysed"] = sum(r.info["slices_analysed"] for r in results)
+        info["slices_total"] = sum(r.info["slices_total"] for r in results)
+    return anomaly_map, info, results
+
+
+def threshold_mask(anomaly_map: np.ndarray, threshold: float, min_component: int = 0) -> np.ndarray:
+    """Voxels ``>= threshold`` as uint8, without 26-connected components under ``min_component`` voxels."""
+    mask = anomaly_map >= threshold
+    if min_component > 0:
+        mask = remove_small_components(mask, min_voxels=min_component)
+    return mask.astype(np.uint8)
