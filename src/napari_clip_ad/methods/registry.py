@@ -65,6 +65,7 @@ def build_method(
     weights: str | Path | None = None,
     image_size: int = 240,
     device: str | torch.device = "auto",
+    init_seed: int = 0,
     **options: Any,
 ) -> AnomalyMethod:
     """Build a ready-to-predict method.
@@ -77,6 +78,8 @@ def build_method(
             safetensors files, or a released-weights name (``napari-clip-ad weights list``).
         image_size: Square input size (the study used 240).
         device: "auto", "cpu", "cuda", ...
+        init_seed: Seed of the random initialisation of trainable parts (so untrained or
+            from-scratch methods are reproducible); the global RNG is left untouched.
         **options: Method options (e.g. ``layers``, ``object_name``).
 
     Returns:
@@ -91,7 +94,9 @@ def build_method(
             set_activation(backbone.model, cls.quick_gelu)
     else:
         backbone = load_backbone(str(backbone), device="cpu", quick_gelu=cls.quick_gelu)
-    method = cls(backbone, image_size=image_size, **options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        method = cls(backbone, image_size=image_size, **options)
     if weights is not None:
         from .checkpoints import load_method_weights
 
