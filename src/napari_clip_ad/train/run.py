@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,8 @@ def run_training(
     if device.type == "cuda" and distributed.world > 1:
         import torch
 
-        device = torch.device("cuda", distributed.rank % torch.cuda.device_count())
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", distributed.rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     cases = find_cases(data_dir)
     if resume:
         _check_resume(run_dir, config)
