@@ -1,0 +1,184 @@
+"""The study grid: split, train where a setup needs it, infer on the test split, report; resumable.
+
+Each cell (method x setup) lives in ``STUDY_DIR/cells/<method>-<setup>/`` with ``train/`` (a training
+run), ``maps/`` (an inference run: maps, masks, per-case metrics, ``infer.json``) and ``done.json``
+written last; a rerun skips cells whose ``done.json`` exists and resumes unfinished training.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import write_json
+from .engine import parse_modality
+from .engine.views import PostOptions, run_views, threshold_mask
+from .errors import InputError, WeightsError
+from .io import MODALITIES, case_id_of, find_cases, load_case, load_split, save_split, save_volume, split_cases
+from .metrics import volume_metrics
+
+STUDY_METHODS = ("vand", "anomalyclip", "anovl", "adaclip")
+TRAINING_FREE = ("anovl", "winclip")
+"""Methods evaluated in the industrial setup only (the study: 'AnoVL was only evaluated on industrial')."""
+
+
+@dataclass
+class StudySettings:
+    """What the study command was asked for (the configs' values where these are None)."""
+
+    data: Path
+    out: Path
+    methods: Sequence[str] = STUDY_METHODS
+    setups: Sequence[str] = ("industrial", "finetune", "brats", "pmc")
+    backbone: str | None = None
+    epochs: int | None = None
+    device: str | None = None
+    seed: int = 0
+    max_slices_per_case: int | None = None
+    batch_size: int = 16
+    threshold: float = 0.5
+    modality: str = "t2w"
+    post: PostOptions = field(default_factory=PostOptions)
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)
+
+
+def cells(settings: StudySettings) -> list[tuple[str, str]]:
+    """The (method, setup) pairs to run: every method x setup, training-free methods industrial only."""
+    from .train.config import SETUPS
+
+    for setup in settings.setups:
+        if setup not in SETUPS:
+            raise InputError(f"unknown setup {setup!r}; use some of {', '.join(SETUPS)}")
+    return [(m, s) for m in settings.methods for s in settings.setups if s == "industrial" or m not in TRAINING_FREE]
+
+
+def study_split(settings: StudySettings) -> tuple[list[Path], Any]:
+    """The cohort's cases and the saved 70/30 patient split (made once, then reused)."""
+    cases = find_cases(settings.data)
+    path = settings.out / "split.json"
+    if path.is_file():
+        split = load_split(path)
+        missing = sorted(set(split.train + split.test) - {case_id_of(c) for c in cases})
+        if missing:
+            raise InputError(f"{path}: split names cases not in {settings.data} ({missing[:3]}); use a new --out")
+    else:
+        split = split_cases(cases, test_fraction=0.3, seed=settings.seed)
+        save_split(split, path)
+    if not split.test:
+        raise InputError(f"{settings.data}: too few patients for a test split ({len(cases)} cases); add cases")
+    return cases, split
+
+
+def _config(settings: StudySettings, method: str, setup: str):
+    from .train import resolve_config
+
+    config = resolve_config(method, setup, None, backbone=settings.backbone, epochs=settings.epochs,
+                            device=settings.device, seed=settings.seed, modality=settings.modality,
+                            max_slices_per_case=settings.max_slices_per_case)
+    return config
+
+
+def _released_or_none(config, settings: StudySettings) -> tuple[Any, str]:
+    """Keep the released starting weights when they are usable; otherwise say why and drop them."""
+    from .methods.checkpoints import resolve_weights
+
+    if not config.weights:
+        return config, ""
+    try:
+        resolve_weights(config.weights)
+        return config, ""
+    except WeightsError as exc:
+        note = f"released weights unavailable ({exc}); {config.method}/{config.setup} runs with untrained (seeded random) parts"
+        return replace(config, weights=None), note
+
+
+def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path], split: Any) -> dict[str, Any]:
+    """Train (if the setup needs it) and infer one cell; returns what ``done.json`` records."""
+    from .methods import build_method
+    from .train import run_training
+
+    cell = settings.out / "cells" / f"{method}-{setup}"
+    config, note = _released_or_none(_config(settings, method, setup), settings)
+    if note:
+        settings.log(f"note: {note}")
+    weights = config.weights
+    trained = setup in ("finetune", "brats", "pmc") and config.epochs > 0
+    if trained:
+        train_dir = cell / "train"
+        resume = (train_dir / "checkpoints" / "last.safetensors").is_file()
+        run_training(config, settings.data, train_dir, split_file=settings.out / "split.json", resume=resume, progress=False)
+        best = train_dir / "checkpoints" / "best.safetensors"
+        weights = str(best if best.is_file() else train_dir / "checkpoints" / "last.safetensors")
+    method_obj = build_method(method, config.backbone, weights=weights, image_size=config.image_size,
+                              device=settings.device or "auto", init_seed=config.seed, **config.method_options())
+    base = {**method_obj.describe(), "weights": weights, "trained": trained, "note": note, "config": config.to_dict()}
+    variants = [("maps", setup, PostOptions())]
+    if settings.post != PostOptions():
+        variants.append((f"maps-{variant_tag(settings.post)}", f"{setup}+{variant_tag(settings.post)}", settings.post))
+    for folder, label, post in variants:
+        _infer_split(settings, method_obj, config.modality, post, cases, split.test, cell / folder, {**base, "setup": label})
+    record = {**base, "setup": setup, "runs": [folder for folder, _, _ in variants]}
+    write_json(cell / "done.json", record)
+    return record
+
+
+def variant_tag(post: PostOptions) -> str:
+    """Short label of non-default post-processing, e.g. ``views-all_brain_smooth2mm``."""
+    parts = []
+    if post.views != ("axial",):
+        parts.append("views-" + ("all" if len(post.views) == 3 else "+".join(post.views)) + ("" if post.fuse == "mean" else f"-{post.fuse}"))
+    if post.restrict_to_brain:
+        parts.append("brain")
+    if post.smooth3d_mm:
+        parts.append(f"smooth{post.smooth3d_mm:g}mm")
+    if post.min_component:
+        parts.append(f"mincomp{post.min_component}")
+    return "_".join(parts)
+
+
+def _infer_split(settings: StudySettings, method_obj, modality: str, post: PostOptions, cases: list[Path],
+                 test_ids: list[str], maps_dir: Path, record: dict[str, Any]) -> None:
+    """Maps, masks and per-case metrics of the test cases, plus ``infer.json`` (what ``report`` reads)."""
+    modalities = parse_modality(modality)
+    by_id = {case_id_of(p): p for p in cases}
+    for case_id in test_ids:
+        case = load_case(by_id[case_id], modalities=sorted(set(modalities), key=MODALITIES.index))
+        anomaly_map, info, _ = run_views(case, method_obj, post, modality=modalities, batch_size=settings.batch_size)
+        mask = threshold_mask(anomaly_map, settings.threshold, post.min_component)
+        save_volume(anomaly_map.astype(np.float32), case, maps_dir / f"{case_id}_anomaly.nii.gz")
+        save_volume(mask, case, maps_dir / f"{case_id}_mask.nii.gz")
+        if case.whole_tumour is not None:
+            write_json(maps_dir / f"{case_id}_metrics.json",
+                       {"case_id": case_id, "threshold": settings.threshold, **volume_metrics(mask.astype(bool), case.whole_tumour), **info})
+    write_json(maps_dir / "infer.json", {**record, "modality": "+".join(modalities), "axis": "+".join(post.views),
+                                         **post.describe(), "threshold": settings.threshold, "cases": list(test_ids)})
+
+
+def run_study(settings: StudySettings) -> list[Path]:
+    """Run (or resume) the whole grid, then write the report; returns the cells' map folders."""
+    settings.out.mkdir(parents=True, exist_ok=True)
+    cases, split = study_split(settings)
+    grid = cells(settings)
+    write_json(settings.out / "study.json", {"data": str(settings.data), "cells": [f"{m}-{s}" for m, s in grid],
+                                             "train_cases": split.train, "test_cases": split.test})
+    runs = []
+    for index, (method, setup) in enumerate(grid, start=1):
+        cell = settings.out / "cells" / f"{method}-{setup}"
+        if (cell / "done.json").is_file():
+            settings.log(f"[{index}/{len(grid)}] {method}/{setup}: done earlier, skipped")
+        else:
+            settings.log(f"[{index}/{len(grid)}] {method}/{setup}: running")
+            run_cell(settings, method, setup, cases, split)
+        runs.extend(cell / folder for folder in _read_runs(cell))
+    return runs
+
+
+def _read_runs(cell: Path) -> list[str]:
+    import json
+
+    return list(json.loads((cell / "done.json").read_text()).get("runs", ["maps"]))
