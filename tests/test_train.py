@@ -196,3 +196,21 @@ def test_other_methods_train_with_their_losses(cohort: Path, tmp_path: Path, nam
     assert any(not torch.equal(v, method.trainable_state_dict()[k]) for k, v in before.items())
     trained = {f"{p}.{q}" for p, part in method.trainable_parts().items() for q, _ in part.named_parameters()}
     assert all(torch.equal(v, method.clip.state_dict()[k]) for k, v in frozen.items() if k not in trained)
+
+
+def test_finetune_starts_from_given_weights_and_user_errors(cohort: Path, reference_run: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    settings = {k: v for k, v in tiny_config().to_dict().items() if k not in ("method", "setup", "weights")}
+    (tmp_path / "tiny.json").write_text(json.dumps(settings))
+    weights = reference_run / "checkpoints" / "last.safetensors"
+    base = ["train", "--method", "anomalyclip", "--data", str(cohort), "--config", str(tmp_path / "tiny.json")]
+    assert cli_main([*base, "--setup", "finetune", "--weights", str(weights), "--epochs", "1", "--out", str(tmp_path / "ft")]) == 0
+    start = metrics_of(tmp_path / "ft")[0]
+    assert start["epoch"] == 0 and start["val_dice"] == pytest.approx(metrics_of(reference_run)[-1]["val_dice"], abs=1e-9)
+    assert json.loads((tmp_path / "ft" / "checkpoints" / "last.json").read_text())["setup"] == "finetune"
+    capsys.readouterr()
+    assert cli_main([*base, "--setup", "brats", "--resume", "--out", str(tmp_path / "empty")]) == 2
+    assert cli_main([*base, "--setup", "brats", "--weights", str(weights), "--out", str(tmp_path / "x")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors)
+    assert "--resume" in errors[0] and "--weights" in errors[1]
