@@ -93,8 +93,10 @@ def _released_or_none(config, settings: StudySettings) -> tuple[Any, str]:
         resolve_weights(config.weights)
         return config, ""
     except WeightsError as exc:
+        from .train.config import STUDY_DEFAULTS
+
         note = f"released weights unavailable ({exc}); {config.method}/{config.setup} runs with untrained (seeded random) parts"
-        return replace(config, weights=None), note
+        return replace(config, weights=None, layers=STUDY_DEFAULTS.get(config.method, {}).get("layers")), note
 
 
 def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path], split: Any) -> dict[str, Any]:

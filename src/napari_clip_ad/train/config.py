@@ -24,7 +24,10 @@ STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
     "anomalyclip": {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": [0.5, 0.999], "layers": None,
                     "released": "anomalyclip-mvtec"},
     "adaclip": {"epochs": 5, "batch_size": 1, "lr": 1e-2, "betas": [0.5, 0.999], "layers": None,
-                "released": "adaclip-mvtec-colondb", "options": {"prompting_depth": 4}, "optimizer": "adamw"},
+                "released": "adaclip-mvtec-colondb", "options": {"prompting_depth": 4}, "optimizer": "adamw",
+                # The released checkpoints carry 4 patch heads trained on blocks 6 12 18 24 (official
+                # train.py); the study's [3, 6, 9] applies to the from-scratch setups.
+                "released_layers": [6, 12, 18, 24]},
     "anovl": {"epochs": 0, "batch_size": 8, "lr": 0.0, "betas": [0.5, 0.999], "layers": None, "released": None},
 }
 
@@ -103,6 +106,8 @@ def default_config(method: str, setup: str) -> TrainConfig:
     config.options = dict(study.get("options", {}))
     if setup in ("industrial", "finetune"):
         config.weights = study.get("released")
+        if study.get("released_layers"):
+            config.layers = list(study["released_layers"])
     if setup == "pmc":
         config.backbone = PMC_BACKBONE
     return config

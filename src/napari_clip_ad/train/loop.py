@@ -71,7 +71,7 @@ def build_trainable(config: TrainConfig, device: torch.device) -> AnomalyMethod:
     """Build the method (seeded random init, or released / given weights) with only its trainable parts free."""
     torch.manual_seed(config.seed)
     method = build_method(config.method, config.backbone, weights=config.weights, image_size=config.image_size,
-                          device=device, **config.method_options())
+                          device=device, init_seed=config.seed, **config.method_options())
     parts = method.trainable_parts()
     if not parts:
         raise InputError(f"method {config.method!r} has no trainable parts (training-free); use setup 'industrial'")
