@@ -53,3 +53,15 @@ def resize_positional_embedding(
     visual.image_size = (image_size, image_size)
     visual.grid_size = (grid, grid)
     return visual
+
+
+def embed_patches(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """CLS + patch embeddings plus positional embedding, after ``ln_pre``: (B, 1 + N, width).
+
+    The input of the first transformer block of an open_clip VisionTransformer (no patch dropout).
+    """
+    x = visual.conv1(images.to(visual.conv1.weight.dtype))
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    return visual.ln_pre(x)

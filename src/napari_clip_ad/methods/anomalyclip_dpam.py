@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.geometry import embed_patches
+
 
 class VisualOutputs(NamedTuple):
     """Frozen visual outputs AnomalyCLIP's head needs (cacheable for training).
@@ -31,14 +33,6 @@ class VisualOutputs(NamedTuple):
     tokens: torch.Tensor
     image_features: torch.Tensor
 
-
-def embed_patches(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Patch + CLS embeddings plus positional embedding, after ``ln_pre``: (B, 1 + N, width)."""
-    x = visual.conv1(images.to(visual.conv1.weight.dtype))
-    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-    return visual.ln_pre(x)
 
 
 def attention_paths(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.geometry import embed_patches
+
 
 class VisualTokens(NamedTuple):
     """What AnoVL reads from the visual tower.
@@ -36,14 +38,6 @@ class VisualTokens(NamedTuple):
     patch_tokens: torch.Tensor | None
     image_features: torch.Tensor
 
-
-def embed_patches(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """CLS + patch embeddings plus positional embedding, after ``ln_pre``: (B, 1 + N, width)."""
-    x = visual.conv1(images.to(visual.conv1.weight.dtype))
-    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-    return visual.ln_pre(x)
 
 
 def dual_attention(block: nn.Module, x: torch.Tensor, value_value: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
