@@ -66,7 +66,8 @@ def unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
 def load_local_checkpoint(path: Path, trusted: bool = False):
     """Build an open_clip CLIP model from an OpenAI-format or open_clip state dict file.
 
-    The architecture (widths, depths, patch size, grid) is inferred from the tensor shapes.
+    The architecture (widths, depths, patch size, grid) is inferred from the tensor shapes; the
+    number of attention heads is width / 64, as in every OpenAI and open_clip CLIP ViT.
     """
     import open_clip
     from open_clip.model import build_model_from_openai_state_dict
@@ -80,10 +81,12 @@ def load_local_checkpoint(path: Path, trusted: bool = False):
             "for hub models use 'hf-hub:org/repo'"
         )
     try:
-        model = build_model_from_openai_state_dict(state, quick_gelu=False, cast_dtype=None)
+        model = build_model_from_openai_state_dict(dict(state), quick_gelu=False, cast_dtype=None)
+        # open_clip builds through fp16 (OpenAI files are half precision): reload the tensors as stored.
+        model = model.float()
+        model.load_state_dict({k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")})
     except Exception as exc:
-        raise WeightsError(f"{path}: could not infer a CLIP architecture from its keys ({exc})") from None
-    model = model.float()
+        raise WeightsError(f"{path}: could not infer a CLIP architecture from its keys ({str(exc).splitlines()[0][:200]})") from None
     width = state["visual.conv1.weight"].shape[0]
     patch = state["visual.conv1.weight"].shape[-1]
     layers = len([k for k in state if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
