@@ -1,0 +1,88 @@
+"""napari reader: a BraTS-style case folder (any known layout) or a single NIfTI volume.
+
+``get_reader`` only claims paths it can read (a folder holding a recognised case, a ``.nii`` /
+``.nii.gz`` file) and returns None for everything else, so other readers get their turn. A claimed
+path that turns out broken raises one readable :class:`~napari_clip_ad.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..io import Geometry, find_cases, load_case, read_nifti
+from ..io.nifti import check_finite, strip_nifti_ext
+from .layers import LayerData, case_layers, map_kwargs, mask_kwargs, placement
+
+ReaderFunction = Callable[[Any], list[LayerData]]
+
+_LABEL_HINTS = ("seg", "label", "mask", "otmulticlass")
+"""File-name parts (lower case) that mark a label volume."""
+
+
+def get_reader(path: str | list[str]) -> ReaderFunction | None:
+    """The reader for ``path`` when it is a case folder or one NIfTI file, else None."""
+    if not isinstance(path, (str, Path)):
+        return None
+    path = Path(path)
+    if path.is_dir():
+        return read_case_folder if _is_case_folder(path) else None
+    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+        return read_nifti_file
+    return None
+
+
+def _is_case_folder(folder: Path) -> bool:
+    try:
+        return find_cases(folder, max_depth=0) == [folder]
+    except (InputError, OSError):
+        return False
+
+
+def read_case_folder(path: str | Path) -> list[LayerData]:
+    """All modalities of a case as Image layers, and its segmentation as a Labels layer."""
+    return case_layers(load_case(Path(path)))
+
+
+def read_nifti_file(path: str | Path) -> list[LayerData]:
+    """One NIfTI volume as an Image (or Labels, for segmentations and masks) layer in canonical orientation.
+
+    A Decathlon 4D case file (``imagesTr/<id>.nii.gz``) is read as its whole case. Anomaly maps and
+    masks written by ``napari-clip-ad infer`` (``<id>_anomaly.nii.gz``, ``<id>_mask.nii.gz``) come
+    back with the plugin's display settings.
+    """
+    path = Path(path)
+    data, img = read_nifti(path, ndim=None)
+    if data.ndim == 4:
+        return case_layers(load_case(path))
+    if data.ndim != 3:
+        raise InputError(f"{path}: expected a 3D volume, got shape {tuple(data.shape)}; give one 3D volume per file")
+    check_finite(data, path)
+    geometry = Geometry.from_image(img)
+    canonical = np.ascontiguousarray(geometry.to_canonical(data))
+    stem = strip_nifti_ext(path.name)
+    meta = {"geometry": geometry, "case_id": stem, "source": str(path)}
+    where = placement(geometry)
+    if stem.endswith("_anomaly") and np.issubdtype(canonical.dtype, np.floating):
+        kwargs = map_kwargs(stem, meta, where["scale"], where["translate"])
+        return [(canonical.astype(np.float32, copy=False), kwargs, "image")]
+    if _looks_like_labels(stem, canonical):
+        labels = canonical.astype(np.int32 if canonical.max(initial=0) > np.iinfo(np.int16).max else np.int16)
+        if stem.endswith("_mask"):
+            return [(labels.astype(np.uint8), mask_kwargs(stem, meta, where["scale"], where["translate"]), "labels")]
+        return [(labels, {"name": stem, **where, "metadata": {**meta, "kind": "segmentation"}, "opacity": 0.5}, "labels")]
+    return [(canonical.astype(np.float32, copy=False), {"name": stem, **where, "metadata": meta}, "image")]
+
+
+def _looks_like_labels(stem: str, data: np.ndarray) -> bool:
+    """A label volume: named like one and holding non-negative whole numbers."""
+    name = stem.lower()
+    if not any(hint in name for hint in _LABEL_HINTS):
+        return False
+    if data.dtype == bool or np.issubdtype(data.dtype, np.integer):
+        return bool(data.min(initial=0) >= 0)
+    return bool(data.min(initial=0) >= 0 and np.array_equal(data, np.round(data)))
