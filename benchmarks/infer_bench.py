@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -43,17 +44,22 @@ def plain_loop(volume: np.ndarray, method) -> np.ndarray:
     return out
 
 
-def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
-    """Best wall time of ``repeats`` runs (after one warm-up) and the last result."""
-    result = fn()
-    best = float("inf")
+def timed_interleaved(variants: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, tuple[float, object]]:
+    """Best wall time of each variant over ``repeats`` rounds, the variants taking turns in every round.
+
+    Taking turns (after one warm-up call each) spreads the load of a shared machine evenly over the
+    variants, so their ratio is fair even when absolute times drift.
+    """
+    results = {name: fn() for name, fn in variants.items()}
+    best = {name: float("inf") for name in variants}
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        result = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for name, fn in variants.items():
+            _sync(device)
+            start = time.perf_counter()
+            results[name] = fn()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: (best[name], results[name]) for name in variants}
 
 
 def main() -> None:
@@ -76,23 +82,30 @@ def main() -> None:
     volume = case.images["t2w"][start : start + args.slices]
     method = build_method(args.method, args.backbone, device=args.device)
     device = method.device
-    engine_s, engine = timed(lambda: run_volume(volume, method, batch_size=args.batch_size), device, args.repeats)
+    variants: dict[str, Callable[[], object]] = {"engine": lambda: run_volume(volume, method, batch_size=args.batch_size)}
+    if not args.skip_plain:
+        variants["plain"] = lambda: plain_loop(volume, method)
+    batches = [int(b) for b in args.compare_batches.split(",") if b]
+    for batch in batches:
+        variants[f"engine_batch{batch}"] = lambda b=batch: run_volume(volume, method, batch_size=b)
+    timings = timed_interleaved(variants, device, args.repeats)
+    engine_s, engine = timings["engine"]
     report = {
         "method": args.method, "backbone": method.backbone.label, "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "slices": int(volume.shape[0]), "slices_analysed": int(engine.analysed.sum()), "batch_size": args.batch_size,
+        "repeats": args.repeats, "threads": torch.get_num_threads(),
         "engine_s": round(engine_s, 4), "engine_slices_per_s": round(volume.shape[0] / engine_s, 1),
     }
     if not args.skip_plain:
-        plain_s, plain = timed(lambda: plain_loop(volume, method), device, 1 if device.type == "cpu" else args.repeats)
+        plain_s, plain = timings["plain"]
         diff = float(np.abs(plain[engine.analysed] - engine.anomaly_map[engine.analysed]).max())
         report.update({
             "plain_s": round(plain_s, 4), "plain_slices_per_s": round(volume.shape[0] / plain_s, 1),
             "speedup": round(plain_s / engine_s, 2), "max_abs_map_difference": diff,
         })
-    for batch in [int(b) for b in args.compare_batches.split(",") if b]:
-        seconds, _ = timed(lambda b=batch: run_volume(volume, method, batch_size=b), device, args.repeats)
-        report[f"engine_batch{batch}_s"] = round(seconds, 4)
+    for batch in batches:
+        report[f"engine_batch{batch}_s"] = round(timings[f"engine_batch{batch}"][0], 4)
     print(json.dumps(report, indent=2))
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import nibabel as nib
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,3 +20,26 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+REAL_CASES = ("BraTS-GLI-00002-000", "BraTS-GLI-00012-000")
+"""The two real BraTS 2023 cases in ../shared/data/brats2023."""
+
+
+@pytest.fixture(scope="session")
+def crop_real_cohort(shared_data: Path) -> Callable[..., Path]:
+    """A function writing cropped copies of the real BraTS 2023 cases (every modality and seg) under a root.
+
+    ``crop`` is a source-array (x, y, z) tuple of slices; nibabel's slicer adjusts the affines, so the crops
+    keep their world positions. Small crops keep the tests of slow methods fast.
+    """
+
+    def crop_cohort(root: Path, crop: tuple[slice, ...], cases: tuple[str, ...] = REAL_CASES) -> Path:
+        for case_id in cases:
+            (root / case_id).mkdir(parents=True)
+            for part in ("t1n", "t1c", "t2w", "t2f", "seg"):
+                name = f"{case_id}-{part}.nii.gz"
+                nib.save(nib.load(shared_data / "brats2023" / case_id / name).slicer[crop], root / case_id / name)
+        return root
+
+    return crop_cohort

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -32,16 +35,6 @@ VIEWS_CROP = (slice(160, 192), slice(70, 102), slice(75, 91))
 """A smaller crop (32 x 32 x 16) for the three-view runs."""
 
 
-def crop_cohort(shared_data: Path, root: Path, crop: tuple[slice, ...], cases: tuple[str, ...] = CASES) -> Path:
-    """Write cropped copies of real BraTS 2023 cases (every modality and seg), affines adjusted by nibabel."""
-    for case_id in cases:
-        (root / case_id).mkdir(parents=True)
-        for part in ("t1n", "t1c", "t2w", "t2f", "seg"):
-            name = f"{case_id}-{part}.nii.gz"
-            nib.save(nib.load(shared_data / "brats2023" / case_id / name).slicer[crop], root / case_id / name)
-    return root
-
-
 def infer(path: Path, out: Path, *extra: str) -> Path:
     """Run the CLI in-process; seeding first makes VAND's randomly initialised adapters the same in every run."""
     torch.manual_seed(0)
@@ -50,8 +43,8 @@ def infer(path: Path, out: Path, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cohort(shared_data, tmp_path_factory) -> Path:
-    return crop_cohort(shared_data, tmp_path_factory.mktemp("work") / "cohort", COHORT_CROP)
+def cohort(crop_real_cohort, tmp_path_factory) -> Path:
+    return crop_real_cohort(tmp_path_factory.mktemp("work") / "cohort", COHORT_CROP)
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +121,8 @@ def test_min_component_removes_exactly_the_small_components(cohort, default_run)
 
 
 @pytest.fixture(scope="module")
-def views_cohort(shared_data, tmp_path_factory) -> Path:
-    return crop_cohort(shared_data, tmp_path_factory.mktemp("views") / "cohort", VIEWS_CROP, CASES[:1])
+def views_cohort(crop_real_cohort, tmp_path_factory) -> Path:
+    return crop_real_cohort(tmp_path_factory.mktemp("views") / "cohort", VIEWS_CROP, CASES[:1])
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +202,18 @@ def test_cropped_cohort_keeps_world_positions(cohort, shared_data):
         start = [s.start for s in COHORT_CROP]
         np.testing.assert_allclose(crop.affine[:3, 3], (full.affine @ [*start, 1])[:3])
         np.testing.assert_array_equal(np.asanyarray(crop.dataobj), np.asanyarray(full.dataobj)[COHORT_CROP])
+
+
+def test_torchrun_shards_cases_and_matches_one_process(cohort, default_run, tmp_path):
+    """Two gloo ranks each take one case; the maps equal the one-process run; one infer.json lists both."""
+    out = tmp_path / "sharded"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29519",
+               "-m", "napari_clip_ad.cli", "infer", str(cohort), *BASE, "--out", str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads((out / "infer.json").read_text())
+    assert info["world_size"] == 2 and info["cases"] == list(CASES)
+    for case_id in CASES:
+        np.testing.assert_allclose(canonical(cohort, out, case_id), canonical(cohort, default_run, case_id), atol=1e-5)
+        assert json.loads((out / f"{case_id}_metrics.json").read_text())["case_id"] == case_id

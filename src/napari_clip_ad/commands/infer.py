@@ -44,10 +44,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """This process's torchrun rank and the world size ((0, 1) without torchrun)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _shard(cases: list[Path]) -> list[Path]:
-    """Cases of this torchrun rank (all cases without torchrun)."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    """Cases of this torchrun rank, round-robin (all cases without torchrun)."""
+    rank, world = _rank_and_world()
     return cases[rank::world] if world > 1 else cases
+
+
+def _rank_device(device: str) -> str:
+    """Under torchrun with CUDA, each rank takes its own GPU (``LOCAL_RANK``) unless a device is named."""
+    import torch
+
+    if _rank_and_world()[1] > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return device
+
+
+def _wait_for_all_ranks() -> None:
+    """Barrier over the torchrun ranks (gloo: works on CPU and GPU machines alike); no-op alone."""
+    if _rank_and_world()[1] <= 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _options(args: argparse.Namespace) -> PostOptions:
@@ -76,8 +102,10 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.threshold <= 1.0:
         raise InputError(f"--threshold must be in [0, 1] (maps are in [0, 1]), got {args.threshold}")
     options = _options(args)
-    cases = _shard(find_cases(args.path))
-    method = build_method(args.method, args.backbone, weights=args.weights, image_size=args.image_size, device=args.device)
+    all_cases = find_cases(args.path)
+    cases = _shard(all_cases)
+    method = build_method(args.method, args.backbone, weights=args.weights, image_size=args.image_size,
+                          device=_rank_device(args.device))
     description = method.describe()
     if method.backbone.random_weights:
         print(f"note: backbone {method.backbone.label}: results come from random weights and mean nothing", file=sys.stderr)
@@ -110,9 +138,12 @@ def run(args: argparse.Namespace) -> int:
             metrics = volume_metrics(mask.astype(bool), case.whole_tumour)
             write_json(f"{stem}_metrics.json", {"case_id": case.case_id, "threshold": args.threshold, **metrics, **info})
             written.append(Path(f"{stem}_metrics.json"))
-    write_json(args.out / "infer.json", {**description, "modality": "+".join(modalities), "axis": "+".join(options.views),
-                                         **options.describe(), "threshold": args.threshold, "weights": getattr(method, "weights_source", None),
-                                         "cases": [case_id_of(p) for p in cases]})
+    _wait_for_all_ranks()
+    if _rank_and_world()[0] == 0:  # one summary for the whole cohort, written once every rank has finished
+        write_json(args.out / "infer.json", {**description, "modality": "+".join(modalities), "axis": "+".join(options.views),
+                                             **options.describe(), "threshold": args.threshold,
+                                             "weights": getattr(method, "weights_source", None),
+                                             "world_size": _rank_and_world()[1], "cases": [case_id_of(p) for p in all_cases]})
     for path in written:
         print(path)
     return 0
