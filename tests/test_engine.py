@@ -8,7 +8,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from napari_clip_ad import build_method, run_volume
-from napari_clip_ad.engine import preprocess_slices, scale_slices
+from napari_clip_ad.engine import default_batch_size, preprocess_slices, scale_slices
 from napari_clip_ad.errors import Cancelled, InputError
 from napari_clip_ad.io import load_case
 from napari_clip_ad.methods import smooth_maps
@@ -46,6 +46,9 @@ def test_batch_size_does_not_change_the_map(vand, real_crop):
     many = run_volume(real_crop, vand, batch_size=7)
     np.testing.assert_allclose(one.anomaly_map, many.anomaly_map, atol=1e-5)
     np.testing.assert_allclose(one.scores, many.scores, atol=1e-5)
+    default = run_volume(real_crop, vand)  # no batch size: the device's default (8 on the CPU)
+    assert default.info["batch_size"] == default_batch_size(torch.device("cpu")) == 8
+    np.testing.assert_allclose(default.anomaly_map, many.anomaly_map, atol=1e-5)
 
 
 def test_progress_and_cancel(vand, real_crop):

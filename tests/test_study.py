@@ -73,3 +73,14 @@ def test_report_numbers_equal_evaluate(study, small_cohort, tmp_path):
         row = rows[tuple(cell.split("-"))]
         for key in ("dice_mean", "sensitivity_mean", "specificity_mean", "ppv_mean", "auroc", "f1max"):
             assert float(row[key]) == pytest.approx(summary[key], abs=1e-9), key
+
+
+def test_real_backbone_without_released_weights_stops_with_the_fix(small_cohort, tmp_path, capsys, monkeypatch):
+    """A real study must not quietly report untrained parts as the 'industrial' setup."""
+    monkeypatch.setenv("NAPARI_CLIP_AD_CACHE", str(tmp_path / "empty-cache"))
+    args = ["study", "--data", str(small_cohort), "--out", str(tmp_path / "study"), "--methods", "vand",
+            "--setups", "industrial", "--backbone", "openai-vit-l-14-336", "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: vand/industrial starts from released weights") and "weights fetch vand-mvtec" in err[-1]
+    assert not (tmp_path / "study" / "cells" / "vand-industrial" / "done.json").exists()

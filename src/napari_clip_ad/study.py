@@ -40,7 +40,7 @@ class StudySettings:
     device: str | None = None
     seed: int = 0
     max_slices_per_case: int | None = None
-    batch_size: int = 16
+    batch_size: int | None = None
     threshold: float = 0.5
     modality: str = "t2w"
     post: PostOptions = field(default_factory=PostOptions)
@@ -95,8 +95,17 @@ def _released_or_none(config, settings: StudySettings) -> tuple[Any, str]:
     except WeightsError as exc:
         from .train.config import STUDY_DEFAULTS
 
+        if not _random_backbone(config.backbone):  # a real study would silently report untrained parts
+            raise WeightsError(f"{config.method}/{config.setup} starts from released weights: {exc}") from None
         note = f"released weights unavailable ({exc}); {config.method}/{config.setup} runs with untrained (seeded random) parts"
         return replace(config, weights=None, layers=STUDY_DEFAULTS.get(config.method, {}).get("layers")), note
+
+
+def _random_backbone(name: str) -> bool:
+    """True for random-weights backbones (smoke runs), where released weights cannot apply anyway."""
+    from .backbones import BACKBONES
+
+    return name.startswith("random:") or (name in BACKBONES and BACKBONES[name].random_weights)
 
 
 def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path], split: Any) -> dict[str, Any]:

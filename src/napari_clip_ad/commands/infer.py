@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="drop 26-connected components of the mask smaller than VOXELS (default 0: keep all)")
     p.add_argument("--threshold", type=float, default=0.5, help="mask threshold on the [0,1] map (voxel positive if >=)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: 16 on a GPU, 8 on the CPU)")
     p.add_argument("--image-size", type=int, default=240)
     p.add_argument("--sigma", type=float, default=None, help="Gaussian sigma per slice map (default: the method's official one)")
     p.add_argument("--out", type=Path, required=True, help="output folder")

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-slices-per-case", type=int, default=None, help="training slices per case (quick runs)")
-    p.add_argument("--batch-size", type=int, default=16, help="inference batch size")
+    p.add_argument("--batch-size", type=int, default=None, help="inference batch size (default: 16 on a GPU, 8 on the CPU)")
     p.add_argument("--threshold", default="0.5", metavar="0.5|f1max", help="report threshold (masks use a number)")
     p.add_argument("--modality", default="t2w")
     p.add_argument("--views", default="axial", choices=["axial", "coronal", "sagittal", "all"])

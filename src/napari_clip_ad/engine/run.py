@@ -66,6 +66,15 @@ def _volume_and_brain(source: Case | np.ndarray, modalities: list[str], brain_ma
     return volume, brain
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Slices per forward pass when none is given: 16 on a GPU, 8 on the CPU.
+
+    On the CPU larger batches are slower, not faster (memory-bound map post-processing; see
+    docs/benchmarks.md, Inference); on a GPU the engine halves the batch on out-of-memory anyway.
+    """
+    return 8 if device.type == "cpu" else 16
+
+
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -89,7 +98,7 @@ def run_volume(
     method: AnomalyMethod,
     modality: str | Sequence[str] = "t2w",
     axis: str | int = "axial",
-    batch_size: int = 16,
+    batch_size: int | None = None,
     sigma: float | None = None,
     brain_mask: np.ndarray | None = None,
     progress: ProgressCallback | None = None,
@@ -102,7 +111,8 @@ def run_volume(
         method: A built method (its device is used; autocast bf16/fp16 on CUDA, fp32 on CPU).
         modality: One modality, or three joined by '+' used as the three input channels.
         axis: 'axial' (the study), 'coronal' or 'sagittal'.
-        batch_size: Slices per forward pass; halved and retried on CUDA out-of-memory.
+        batch_size: Slices per forward pass (None: :func:`default_batch_size`); halved and retried on CUDA
+            out-of-memory.
         sigma: Gaussian smoothing of each slice map; None uses the method's official sigma.
         brain_mask: Overrides the case's brain mask (slices without brain are skipped: map 0).
         progress: Called after every batch with (done, total) slices.
@@ -114,6 +124,8 @@ def run_volume(
     modalities = parse_modality(modality)
     ax = axis_index(axis)
     volume, brain = _volume_and_brain(source, modalities, brain_mask)
+    if batch_size is None:
+        batch_size = default_batch_size(method.device)
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     sigma = method.default_sigma if sigma is None else float(sigma)
