@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +19,7 @@ from napari_clip_ad import build_method
 from napari_clip_ad.cli import main as cli_main
 from napari_clip_ad.errors import InputError
 from napari_clip_ad.train import TrainConfig, Trainer, build_trainable, resolve_config, run_training
+from napari_clip_ad.train.cache import FeatureCache
 from napari_clip_ad.train.data import Augmentation, augmented_batch, load_slices
 from napari_clip_ad.train.losses import dice_loss, focal_loss
 
@@ -89,6 +91,30 @@ def test_resume_after_kill_gives_identical_weights(cohort: Path, reference_run: 
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
     assert metrics_of(tmp_path) == metrics_of(reference_run)
+
+
+def test_cache_spilled_to_disk_gives_identical_weights(cohort: Path, reference_run: Path, tmp_path: Path) -> None:
+    """With no RAM budget every cached feature goes through safetensors files: same weights, files removed."""
+    run_training(tiny_config(cache_memory_gb=0.0), cohort, tmp_path, progress=False)
+    spilled, reference = (load_file(str(d / "checkpoints" / "last.safetensors")) for d in (tmp_path, reference_run))
+    assert all(torch.equal(spilled[k], reference[k]) for k in reference)
+    assert metrics_of(tmp_path) == metrics_of(reference_run)
+    assert not (tmp_path / "feature_cache").exists()
+
+
+def test_feature_cache_spills_past_its_budget_and_reads_back_exactly(tmp_path: Path) -> None:
+    Features = namedtuple("Features", "tokens cls")
+    batch = (Features(torch.randn(3, 5, 4), torch.randn(3, 4).to(torch.bfloat16)), torch.rand(3, 8, 8) > 0.5)
+    one_entry = 5 * 4 * 4 + 4 * 2 + 8 * 8
+    cache = FeatureCache(3, 1, memory_bytes=one_entry, spill_dir=tmp_path / "spill")
+    cache.put([(0, 0), (1, 0), (2, 0)], batch)
+    assert len(cache) == 3 and cache.n_spilled == 2 and cache.nbytes() == one_entry
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["1_0.safetensors", "2_0.safetensors"]
+    (tokens, cls), masks = cache.get([(2, 0), (0, 0)], torch.device("cpu"))
+    assert torch.equal(tokens, batch[0].tokens[[2, 0]]) and torch.equal(cls, batch[0].cls[[2, 0]])
+    assert cls.dtype == torch.bfloat16 and torch.equal(masks, batch[1][[2, 0]])
+    cache.close()
+    assert not (tmp_path / "spill").exists() and len(cache) == 0
 
 
 def test_backbone_stays_frozen_and_cache_matches_no_cache(cohort: Path, tmp_path: Path) -> None:

@@ -32,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-slices-per-case", type=int, default=None, help="keep this many brain slices per case (quick runs)")
     p.add_argument("--no-cache", action="store_true", help="run the frozen encoder every step (no feature cache)")
+    p.add_argument("--cache-memory-gb", type=float, default=None,
+                   help="RAM for the feature cache per process before it spills to RUN_DIR/feature_cache (default: half the RAM)")
     p.add_argument("--stop-after-epoch", type=int, default=None, help="stop after this epoch (resume later with --resume)")
     p.set_defaults(func=run)
 
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         args.method, args.setup, args.config, backbone=args.backbone, weights=args.weights, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, modality=args.modality, device=args.device, seed=args.seed,
         max_slices_per_case=args.max_slices_per_case, stop_after_epoch=args.stop_after_epoch,
-        cache=False if args.no_cache else None,
+        cache=False if args.no_cache else None, cache_memory_gb=args.cache_memory_gb,
     )
     if config.setup == "industrial" or config.epochs == 0:
         write_json(args.out / "config.json", config.to_dict())

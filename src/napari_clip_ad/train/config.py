@@ -49,7 +49,9 @@ class TrainConfig:
         val_fraction: Patient fraction of the train split used for validation (at least one patient).
         augment: Seeded flips, small rotation/scale, intensity jitter. views: augmented views per slice
             (view 0 is the un-augmented slice); each epoch samples one view per slice.
-        cache: Compute the frozen encoder once per (slice, view) and keep it in memory.
+        cache: Compute the frozen encoder once per (slice, view) and keep it (RAM, then disk).
+        cache_memory_gb: RAM the cache may hold per process before it spills to ``RUN_DIR/feature_cache``
+            (None: half the machine's memory shared by the ranks). Does not change results.
         balance: Subsample the larger of tumour / normal slices to the size of the other.
         max_slices_per_case: Keep at most this many brain slices per case (evenly spaced); None: all.
         threshold: Map threshold for val_dice. device: 'auto', 'cpu', 'cuda'...
@@ -75,6 +77,7 @@ class TrainConfig:
     augment: bool = True
     views: int = 4
     cache: bool = True
+    cache_memory_gb: float | None = None
     balance: bool = False
     max_slices_per_case: int | None = None
     threshold: float = 0.5
@@ -153,6 +156,8 @@ def resolve_config(method: str, setup: str, file: str | Path | None = None, **ov
         raise InputError(f"optimizer {config.optimizer!r} is not supported; use 'adam' or 'adamw'")
     if config.epochs < 0 or config.batch_size < 1 or config.views < 1:
         raise InputError(f"epochs must be >= 0, batch size >= 1 and views >= 1 (got {config.epochs}, {config.batch_size}, {config.views})")
+    if config.cache_memory_gb is not None and config.cache_memory_gb < 0:
+        raise InputError(f"cache_memory_gb must be >= 0 (0 keeps the whole cache on disk), got {config.cache_memory_gb}")
     if not 0.0 < config.val_fraction < 1.0:
         raise InputError(f"val_fraction must be in (0, 1), got {config.val_fraction}")
     return config

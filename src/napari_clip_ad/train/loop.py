@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from ..engine import parse_modality
 from ..errors import InputError
 from ..methods import AnomalyMethod, build_method, smooth_maps
 from ..methods.checkpoints import load_method_weights, save_method_weights
-from .cache import FeatureCache, supports_cache
+from .cache import FeatureCache, default_memory_budget, supports_cache
 from .config import TrainConfig
 from .data import Augmentation, SliceSet, augmented_batch
 from .losses import method_loss
@@ -105,8 +106,12 @@ class Trainer:
         self.optimizer = optimizer(self.params, lr=self.config.lr, betas=tuple(self.config.betas))
         self.views = self.config.views if self.config.augment else 1
         self.cached = self.config.cache and supports_cache(self.method)
-        self.train_cache = FeatureCache(len(self.train), self.views)
-        self.val_cache = FeatureCache(len(self.val), 1)
+        budget = (default_memory_budget(self.dist.world) if self.config.cache_memory_gb is None
+                  else int(self.config.cache_memory_gb * (1 << 30)))
+        spill = self.spill_dir = self.run_dir / "feature_cache" / f"rank{self.dist.rank}"
+        # Validation holds 1 view of ~1/4 of the slices the training part holds in `views`: a small share.
+        self.train_cache = FeatureCache(len(self.train), self.views, int(budget * 0.85), spill / "train")
+        self.val_cache = FeatureCache(len(self.val), 1, int(budget * 0.15), spill / "val")
         self.epoch, self.step, self.best = 0, 0, -1.0
 
     # --- features ----------------------------------------------------------------------------
@@ -245,6 +250,11 @@ class Trainer:
             history.append(record)
             if self.config.stop_after_epoch is not None and epoch >= self.config.stop_after_epoch:
                 break
+        self.train_cache.close()  # frees RAM and deletes spilled files (rebuilt lazily on --resume)
+        self.val_cache.close()
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the last rank out removes the (then empty) folder
+            self.spill_dir.parent.rmdir()
         return history
 
     def _log(self, record: dict[str, Any]) -> None:

@@ -51,7 +51,7 @@ def _check_resume(run_dir: Path, config: TrainConfig) -> None:
     if not saved.is_file():
         raise InputError(f"{saved}: not found; --resume needs a run folder written by 'napari-clip-ad train'")
     before = json.loads(saved.read_text(encoding="utf-8"))
-    loose = {"stop_after_epoch", "device", "epochs"}
+    loose = {"stop_after_epoch", "device", "epochs", "cache_memory_gb"}
     changed = sorted(k for k, v in config.to_dict().items() if k not in loose and before.get(k) != v)
     if changed:
         raise InputError(f"{saved}: --resume with different settings {changed}; use the run's settings or a new --out")
