@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--method", default="vand")
     parser.add_argument("--backbone", default="tiny-test")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="run_volume batch (default: the engine's, 8 on CPU, 16 on GPU)")
     parser.add_argument("--slices", type=int, default=155, help="slices of the synthetic volume (155 = BraTS)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-plain", action="store_true", help="only time run_volume")
@@ -93,7 +93,7 @@ def main() -> None:
     report = {
         "method": args.method, "backbone": method.backbone.label, "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "slices": int(volume.shape[0]), "slices_analysed": int(engine.analysed.sum()), "batch_size": args.batch_size,
+        "slices": int(volume.shape[0]), "slices_analysed": int(engine.analysed.sum()), "batch_size": engine.info["batch_size"],
         "repeats": args.repeats, "threads": torch.get_num_threads(),
         "engine_s": round(engine_s, 4), "engine_slices_per_s": round(volume.shape[0] / engine_s, 1),
     }

@@ -10,16 +10,17 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "build_method", "list_methods", "load_case", "sample_case", "run_volume"]
+__all__ = ["__version__", "build_method", "find_cases", "list_methods", "load_case", "sample_case", "run_volume"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import run_volume
-    from .io import load_case
+    from .io import find_cases, load_case
     from .methods import build_method, list_methods
     from .sample import sample_case
 
 _LAZY = {
     "load_case": "io",
+    "find_cases": "io",
     "sample_case": "sample",
     "build_method": "methods",
     "list_methods": "methods",
