@@ -217,3 +217,26 @@ def test_torchrun_shards_cases_and_matches_one_process(cohort, default_run, tmp_
     for case_id in CASES:
         np.testing.assert_allclose(canonical(cohort, out, case_id), canonical(cohort, default_run, case_id), atol=1e-5)
         assert json.loads((out / f"{case_id}_metrics.json").read_text())["case_id"] == case_id
+
+
+def test_report_scores_the_masks_the_run_cleaned(cohort, default_run, shared_data, tmp_path):
+    """A run's --min-component is in its infer.json; report applies it, as evaluate --min-component does."""
+    plain = canonical(cohort, default_run, CASES[0])
+    labels, n = ndimage.label(plain >= 0.5, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(labels.ravel())[1:]
+    min_size = int(sizes.min()) + 1  # removes at least one component of the first case at threshold 0.5
+    assert n >= 1
+    out = infer(cohort, tmp_path / "vand-cleaned", "--min-component", str(min_size))
+    assert main(["report", str(out), "--data", str(cohort), "--out", str(tmp_path / "report")]) == 0
+    assert main(["evaluate", "--maps", str(out), "--data", str(cohort), "--min-component", str(min_size),
+                 "--out", str(tmp_path / "eval")]) == 0
+    with open(tmp_path / "report" / "table1.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert float(row["dice_mean"]) == pytest.approx(summary["dice_mean"], abs=1e-6)
+    assert float(row["ppv_mean"]) == pytest.approx(summary["ppv_mean"], abs=1e-6)
+    per_case = [json.loads((out / f"{c}_metrics.json").read_text())["dice"] for c in CASES]
+    assert float(row["dice_mean"]) == pytest.approx(float(np.mean(per_case)), abs=1e-6)  # = the run's own masks
+    assert main(["evaluate", "--maps", str(out), "--data", str(cohort), "--out", str(tmp_path / "uncleaned")]) == 0
+    uncleaned = json.loads((tmp_path / "uncleaned" / "summary.json").read_text())
+    assert (uncleaned["dice_mean"], uncleaned["ppv_mean"]) != (summary["dice_mean"], summary["ppv_mean"])

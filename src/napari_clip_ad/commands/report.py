@@ -72,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
     pairs = [match_maps(info.path, args.data) for info in infos]
     scored = []
     for info, run_pairs in zip(infos, pairs):
-        scores = score_maps(run_pairs, rule, args.region, args.data, what=f"{info.name}: ",
-                            options=ScoringOptions(lesionwise=args.lesionwise))
+        # A run's --min-component cleaned its masks, not its saved maps: score the masks the run made.
+        # (--restrict-to-brain and the 3D options already shaped the saved maps.)
+        options = ScoringOptions(lesionwise=args.lesionwise, min_component=int(info.options.get("min_component") or 0))
+        scores = score_maps(run_pairs, rule, args.region, args.data, what=f"{info.name}: ", options=options)
         scored.append(ScoredRun(info, scores, summarise(scores)))
     files = _render(scored, args.lesionwise)
     for name, content in files.items():
