@@ -59,8 +59,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--slices", type=int, default=48, help="training slices (evenly spaced brain slices of the real cases)")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=DATA, help="BraTS cohort folder (default: ../shared/data/brats2023)")
     args = parser.parse_args()
-    cases = find_cases(DATA)
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (the first cached epoch fills the cache; later ones are the steady rate)")
+    cases = find_cases(args.data)
     per_case = max(1, args.slices // len(cases))
     train = load_slices(cases, ["t2w"], max_slices_per_case=per_case)
     val = load_slices(cases[:1], ["t2w"], max_slices_per_case=4)
