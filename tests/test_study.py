@@ -84,3 +84,21 @@ def test_real_backbone_without_released_weights_stops_with_the_fix(small_cohort,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: vand/industrial starts from released weights") and "weights fetch vand-mvtec" in err[-1]
     assert not (tmp_path / "study" / "cells" / "vand-industrial" / "done.json").exists()
+
+
+def test_modality_composite_study_reports_beside_the_t2w_one(study, small_cohort, tmp_path):
+    """A t1c+t2w+t2f study labels its runs so one report shows them beside the t2w study's runs."""
+    out, _ = study
+    composite = tmp_path / "composite"
+    args = ["study", "--data", str(small_cohort), "--out", str(composite), "--methods", "vand", "--setups", "brats",
+            "--backbone", "tiny-test", "--epochs", "1", "--device", "cpu", "--max-slices-per-case", "4",
+            "--modality", "t1c+t2w+t2f"]
+    assert main(args) == 0
+    info = json.loads((composite / "cells" / "vand-brats" / "maps" / "infer.json").read_text())
+    assert info["setup"] == "brats+t1c+t2w+t2f" and info["modality"] == "t1c+t2w+t2f"
+    assert json.loads((composite / "cells" / "vand-brats" / "train" / "config.json").read_text())["modality"] == "t1c+t2w+t2f"
+    runs = [str(out / "cells" / "vand-brats" / "maps"), str(composite / "cells" / "vand-brats" / "maps")]
+    assert main(["report", *runs, "--data", str(small_cohort), "--out", str(tmp_path / "both")]) == 0
+    with open(tmp_path / "both" / "table1.csv") as handle:
+        setups = [(r["method"], r["setup"]) for r in csv.DictReader(handle)]
+    assert setups == [("vand", "brats"), ("vand", "brats+t1c+t2w+t2f")]

@@ -128,9 +128,12 @@ def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path]
     method_obj = build_method(method, config.backbone, weights=weights, image_size=config.image_size,
                               device=settings.device or "auto", init_seed=config.seed, **config.method_options())
     base = {**method_obj.describe(), "weights": weights, "trained": trained, "note": note, "config": config.to_dict()}
-    variants = [("maps", setup, PostOptions())]
+    # Runs of another modality than the study's t2w carry it in their label, so a report over two studies
+    # (e.g. t2w and the t1c+t2w+t2f composite) shows them side by side instead of colliding.
+    label = setup if config.modality == "t2w" else f"{setup}+{config.modality}"
+    variants = [("maps", label, PostOptions())]
     if settings.post != PostOptions():
-        variants.append((f"maps-{variant_tag(settings.post)}", f"{setup}+{variant_tag(settings.post)}", settings.post))
+        variants.append((f"maps-{variant_tag(settings.post)}", f"{label}+{variant_tag(settings.post)}", settings.post))
     for folder, label, post in variants:
         _infer_split(settings, method_obj, config.modality, post, cases, split.test, cell / folder, {**base, "setup": label})
     record = {**base, "setup": setup, "runs": [folder for folder, _, _ in variants]}
