@@ -79,7 +79,7 @@ def test_real_backbone_without_released_weights_stops_with_the_fix(small_cohort,
     """A real study must not quietly report untrained parts as the 'industrial' setup."""
     monkeypatch.setenv("NAPARI_CLIP_AD_CACHE", str(tmp_path / "empty-cache"))
     args = ["study", "--data", str(small_cohort), "--out", str(tmp_path / "study"), "--methods", "vand",
-            "--setups", "industrial", "--backbone", "openai-vit-l-14-336", "--device", "cpu"]
+            "--setups", "industrial", "--device", "cpu"]  # the default backbone: OpenAI ViT-L/14@336
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: vand/industrial starts from released weights") and "weights fetch vand-mvtec" in err[-1]

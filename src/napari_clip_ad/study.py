@@ -93,19 +93,14 @@ def _released_or_none(config, settings: StudySettings) -> tuple[Any, str]:
         resolve_weights(config.weights)
         return config, ""
     except WeightsError as exc:
+        from .backbones import is_random_backbone
         from .train.config import STUDY_DEFAULTS
 
-        if not _random_backbone(config.backbone):  # a real study would silently report untrained parts
+        # With a real backbone (None: the method's default, a real one) a study would silently report untrained parts.
+        if config.backbone is None or not is_random_backbone(config.backbone):
             raise WeightsError(f"{config.method}/{config.setup} starts from released weights: {exc}") from None
         note = f"released weights unavailable ({exc}); {config.method}/{config.setup} runs with untrained (seeded random) parts"
         return replace(config, weights=None, layers=STUDY_DEFAULTS.get(config.method, {}).get("layers")), note
-
-
-def _random_backbone(name: str) -> bool:
-    """True for random-weights backbones (smoke runs), where released weights cannot apply anyway."""
-    from .backbones import BACKBONES
-
-    return name.startswith("random:") or (name in BACKBONES and BACKBONES[name].random_weights)
 
 
 def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path], split: Any) -> dict[str, Any]:

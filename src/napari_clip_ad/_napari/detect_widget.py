@@ -16,11 +16,11 @@ from napari.utils.notifications import show_error, show_info
 from superqt.utils import ensure_main_thread
 
 from ..backbones import BACKBONES
-from ..engine import AXES, run_volume
+from ..engine import AXES, default_batch_size, run_volume
 from ..engine.run import VolumeResult
 from ..errors import Cancelled, ClipAdError, InputError
 from ..io import MODALITIES
-from ..methods import AnomalyMethod, build_method, list_methods, method_class
+from ..methods import AnomalyMethod, build_method, list_methods, method_class, resolve_device
 from ..methods.released import RELEASED
 from .gl_safety import keep_triton_out
 from .layers import MAP_KIND, MASK_KIND, map_kwargs, mask_kwargs, stored_geometry, threshold_mask
@@ -79,7 +79,7 @@ class DetectWidget(Container):
         devices = available_devices()
         self.device = ComboBox(label="device", choices=devices, value=devices[0])
         self.cpu_note = Label(value=CPU_NOTE, visible=not has_accelerator())
-        self.batch_size = SpinBox(label="batch size", min=1, max=512, value=16 if has_accelerator() else 8)
+        self.batch_size = SpinBox(label="batch size", min=1, max=512, value=default_batch_size(resolve_device("auto")))
         self.axis = ComboBox(label="slicing axis", choices=list(AXES), value="axial")
         self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
         self.run_button = PushButton(text="Run")

@@ -148,6 +148,14 @@ def load_backbone(
     return backbone
 
 
+def is_random_backbone(name: str) -> bool:
+    """True for random-weights backbones (``tiny-test``, ``random:ARCH``), whose results mean nothing."""
+    try:
+        return _spec_for(name).random_weights
+    except WeightsError:  # a file or an unknown name: not one of ours, so not random
+        return False
+
+
 def _spec_for(name: str) -> BackboneSpec:
     if name in BACKBONES:
         return BACKBONES[name]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,38 +43,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    """This process's torchrun rank and the world size ((0, 1) without torchrun)."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _shard(cases: list[Path]) -> list[Path]:
-    """Cases of this torchrun rank, round-robin (all cases without torchrun)."""
-    rank, world = _rank_and_world()
-    return cases[rank::world] if world > 1 else cases
-
-
-def _rank_device(device: str) -> str:
-    """Under torchrun with CUDA, each rank takes its own GPU (``LOCAL_RANK``) unless a device is named."""
-    import torch
-
-    if _rank_and_world()[1] > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    return device
-
-
-def _wait_for_all_ranks() -> None:
-    """Barrier over the torchrun ranks (gloo: works on CPU and GPU machines alike); no-op alone."""
-    if _rank_and_world()[1] <= 1:
-        return
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def _options(args: argparse.Namespace) -> PostOptions:
     """The run's :class:`~napari_clip_ad.engine.views.PostOptions` (``--axis`` and ``--views`` must agree)."""
     from ..engine.views import PostOptions
@@ -90,12 +57,14 @@ def _options(args: argparse.Namespace) -> PostOptions:
 
 def run(args: argparse.Namespace) -> int:
     """Run inference and write ``<id>_anomaly.nii.gz``, ``<id>_mask.nii.gz``, ``<id>_metrics.json``."""
+    import torch
     from tqdm import tqdm
 
+    from ..distributed import init_distributed, rank_device
     from ..engine import parse_modality
     from ..engine.views import run_views, threshold_mask
     from ..errors import InputError
-    from ..methods import build_method
+    from ..methods import build_method, resolve_device
     from ..metrics import volume_metrics
 
     modalities = parse_modality(args.modality)
@@ -103,9 +72,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--threshold must be in [0, 1] (maps are in [0, 1]), got {args.threshold}")
     options = _options(args)
     all_cases = find_cases(args.path)
-    cases = _shard(all_cases)
+    # Under torchrun the ranks share the cohort round-robin, each on its own GPU; gloo carries only the barrier.
+    ranks = init_distributed(torch.device("cpu"))
+    cases = all_cases[ranks.rank :: ranks.world]
     method = build_method(args.method, args.backbone, weights=args.weights, image_size=args.image_size,
-                          device=_rank_device(args.device))
+                          device=rank_device(resolve_device(args.device), ranks))
     description = method.describe()
     if method.backbone.random_weights:
         print(f"note: backbone {method.backbone.label}: results come from random weights and mean nothing", file=sys.stderr)
@@ -138,12 +109,12 @@ def run(args: argparse.Namespace) -> int:
             metrics = volume_metrics(mask.astype(bool), case.whole_tumour)
             write_json(f"{stem}_metrics.json", {"case_id": case.case_id, "threshold": args.threshold, **metrics, **info})
             written.append(Path(f"{stem}_metrics.json"))
-    _wait_for_all_ranks()
-    if _rank_and_world()[0] == 0:  # one summary for the whole cohort, written once every rank has finished
+    ranks.barrier()
+    if ranks.main:  # one summary for the whole cohort, written once every rank has finished
         write_json(args.out / "infer.json", {**description, "modality": "+".join(modalities), "axis": "+".join(options.views),
                                              **options.describe(), "threshold": args.threshold,
                                              "weights": getattr(method, "weights_source", None),
-                                             "world_size": _rank_and_world()[1], "cases": [case_id_of(p) for p in all_cases]})
+                                             "world_size": ranks.world, "cases": [case_id_of(p) for p in all_cases]})
     for path in written:
         print(path)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .overlap import in_region
 from .ranking import (
     DEFAULT_BINS,
     auroc_from_counts,
@@ -77,14 +78,7 @@ class PixelAccumulator:
             InputError: NaN scores or scores outside [0, 1].
             ValueError: Shapes differ.
         """
-        scores = np.asarray(scores)
-        labels = np.asarray(labels)
-        if scores.shape != labels.shape or (mask is not None and np.shape(mask) != scores.shape):
-            raise ValueError(f"shapes differ: scores {scores.shape}, labels {labels.shape}"
-                             + ("" if mask is None else f", mask {np.shape(mask)}"))
-        if mask is not None:
-            mask = np.asarray(mask, dtype=bool)
-            scores, labels = scores[mask], labels[mask]
+        scores, labels = in_region(np.asarray(scores), np.asarray(labels), mask, ("scores", "labels"))
         check_scores(scores, source)
         labels = labels.ravel() if labels.dtype == bool else (labels != 0).ravel()
         index = bin_index(scores, self.bins).ravel()

@@ -32,6 +32,22 @@ class Confusion:
         return self.fp == 0 and self.fn == 0
 
 
+def in_region(first: np.ndarray, second: np.ndarray, region: np.ndarray | None,
+              names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays cut to the voxels of ``region`` (unchanged without one), after checking the three shapes agree.
+
+    Raises:
+        ValueError: Shapes differ (the message names the arrays by ``names``).
+    """
+    if first.shape != second.shape or (region is not None and np.shape(region) != first.shape):
+        raise ValueError(f"shapes differ: {names[0]} {first.shape}, {names[1]} {second.shape}"
+                         + ("" if region is None else f", region {np.shape(region)}"))
+    if region is None:
+        return first, second
+    region = np.asarray(region, dtype=bool)
+    return first[region], second[region]
+
+
 def confusion(pred: np.ndarray, gt: np.ndarray, region: np.ndarray | None = None) -> Confusion:
     """Count true/false positives/negatives.
 
@@ -43,14 +59,7 @@ def confusion(pred: np.ndarray, gt: np.ndarray, region: np.ndarray | None = None
     Raises:
         ValueError: Shapes differ.
     """
-    pred = np.asarray(pred, dtype=bool)
-    gt = np.asarray(gt, dtype=bool)
-    if pred.shape != gt.shape or (region is not None and np.shape(region) != gt.shape):
-        raise ValueError(f"shapes differ: prediction {pred.shape}, ground truth {gt.shape}"
-                         + ("" if region is None else f", region {np.shape(region)}"))
-    if region is not None:
-        region = np.asarray(region, dtype=bool)
-        pred, gt = pred[region], gt[region]
+    pred, gt = in_region(np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool), region, ("prediction", "ground truth"))
     tp = int(np.count_nonzero(pred & gt))
     n_pred = int(np.count_nonzero(pred))
     n_gt = int(np.count_nonzero(gt))

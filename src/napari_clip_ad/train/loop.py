@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -19,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from ..distributed import Dist, init_distributed
 from ..engine import parse_modality
 from ..errors import InputError
 from ..methods import AnomalyMethod, build_method, smooth_maps
@@ -33,33 +32,6 @@ from .state import load_train_state, save_train_state
 
 ENCODE_CHUNK = 8
 """Slices per frozen-encoder pass when filling the cache (fixed, so cached values never depend on batch order)."""
-
-
-@dataclass
-class Dist:
-    """Rank and world size (1 process unless started by torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:

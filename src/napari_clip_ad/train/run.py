@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -11,12 +10,13 @@ from typing import Any
 import numpy as np
 
 from ..atomic import write_json
+from ..distributed import init_distributed, rank_device
 from ..errors import InputError
 from ..io import Split, case_id_of, find_cases, load_split, patient_id, save_split, split_cases
 from ..methods import resolve_device
 from .config import TrainConfig
 from .data import load_slices
-from .loop import Trainer, build_trainable, init_distributed, modalities_of
+from .loop import Trainer, build_trainable, modalities_of
 
 
 def validation_split(train_ids: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -73,11 +73,7 @@ def run_training(
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
     distributed = init_distributed(device)
-    if device.type == "cuda" and distributed.world > 1:
-        import torch
-
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", distributed.rank)) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+    device = rank_device(device, distributed)
     cases = find_cases(data_dir)
     if resume:
         _check_resume(run_dir, config)
