@@ -122,6 +122,29 @@ class AnomalyMethod(nn.Module):
         """
         raise WeightsError(f"{source}: method {self.name!r} has no released checkpoint format")
 
+    # --- few-shot references ----------------------------------------------------------------
+    supports_references: ClassVar[bool] = False
+    """True where the official code has a few-shot mode with normal reference images."""
+
+    def set_references(self, images: torch.Tensor | None) -> None:
+        """Build the few-shot memory bank from normal reference slices, or clear it with None.
+
+        Args:
+            images: (K, 3, H, W) normal slices preprocessed exactly like :meth:`predict`'s input, or
+                None to return to zero-shot (bitwise the zero-shot output).
+
+        Raises:
+            InputError: The method has no few-shot mode in its official code.
+        """
+        if images is None:
+            return
+        raise InputError(f"method {self.name!r} has no few-shot mode with normal references; use it zero-shot (k-shot 0)")
+
+    @property
+    def n_references(self) -> int:
+        """Number of reference images in the memory bank (0: zero-shot)."""
+        return 0
+
     # --- inference --------------------------------------------------------------------------
     @property
     def map_max(self) -> float:
