@@ -201,7 +201,6 @@ def test_official_checkpoint_loads_and_changes_maps(tmp_path):
 @pytest.mark.parametrize(
     "state, message",
     [
-        (official_checkpoint(n_layers=4), "layers"),
         (official_checkpoint(width=1024, embed=768), "shape"),
         (official_checkpoint(depth=3), "prompting_depth"),
         ({"trainable_linearlayer": {"fc.0.weight": torch.zeros(64, 64)}}, "AdaCLIP"),
@@ -213,6 +212,29 @@ def test_mismatched_checkpoints_refused(tmp_path, state, message):
     torch.save(state, path)
     with pytest.raises(WeightsError, match=message):
         make(weights=path)
+
+
+def test_released_four_head_checkpoint_loads_as_published(tmp_path):
+    """Issue 13 item 8: the released AdaCLIP weights (4 heads) load without naming layers."""
+    path = tmp_path / "pretrained_all.pth"
+    torch.save(official_checkpoint(n_layers=4), path)
+    loaded = make(weights=path)
+    n_blocks = len(loaded.clip.visual.transformer.resblocks)
+    step = n_blocks // 4  # official test.py: substage = n_layers // 4; features_list = substage x (1, 2, 3, 4)
+    assert loaded.layers == [step, 2 * step, 3 * step, 4 * step]
+    assert "4 per-layer heads" in loaded.describe()["layers_from"]
+    explicit = make(weights=path, layers=[step, 2 * step, 3 * step, 4 * step])
+    x = images(2, seed=5)
+    assert torch.equal(explicit.predict(x).maps, loaded.predict(x).maps)
+    with pytest.raises(WeightsError, match="4 patch-token heads but the method taps 3 blocks"):
+        make(weights=path, layers=[3, 6, 9])
+
+
+def test_our_file_records_its_layers(tmp_path):
+    method = make(layers=[2, 5, 7, 11])
+    path = save_method_weights(method, tmp_path / "adaclip4.safetensors")
+    again = make(weights=path)
+    assert again.layers == [2, 5, 7, 11] and "header" in again.describe()["layers_from"]
 
 
 def test_branch_type_mismatch_refused(tmp_path):

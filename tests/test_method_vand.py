@@ -160,7 +160,6 @@ def test_official_checkpoint_loads_and_changes_maps(method: VAND, images: torch.
     "obj, message",
     [
         (official_checkpoint(width=1024, embed_dim=768), "another backbone"),
-        (official_checkpoint(n_layers=3), "3 linear layers"),
         ({"prompt_learner": {"ctx_pos": torch.zeros(1, 1, 12, 64)}}, "not a VAND checkpoint"),
         ({"trainable_linearlayer": {"fc.0.weight": torch.zeros(64, 64), "ln.weight": torch.zeros(64)}}, "not the official"),
     ],
@@ -170,6 +169,18 @@ def test_mismatched_checkpoints_refused(tmp_path, obj: dict, message: str) -> No
     torch.save(obj, path)
     with pytest.raises(WeightsError, match=message):
         build_method("vand", "tiny-test", device="cpu", weights=path)
+
+
+def test_checkpoint_fixes_layers_unless_named(tmp_path, images: torch.Tensor) -> None:
+    """A 3-head checkpoint taps n_blocks // 3 x (1, 2, 3) (official rule); naming other blocks is refused."""
+    path = tmp_path / "three.pth"
+    torch.save(official_checkpoint(n_layers=3), path)
+    loaded = build_method("vand", "tiny-test", device="cpu", weights=path)
+    step = len(loaded.clip.visual.transformer.resblocks) // 3
+    assert loaded.layers == [step, 2 * step, 3 * step] and "checkpoint" in loaded.describe()["layers_from"]
+    assert loaded.predict(images[:1]).maps.shape[0] == 1
+    with pytest.raises(WeightsError, match="3 linear layers but the method taps 4 blocks"):
+        build_method("vand", "tiny-test", device="cpu", weights=path, layers=[1, 2, 3, 4])
 
 
 class NotATensor:

@@ -21,8 +21,9 @@ Tapped layers: ``output_layers`` are 1-based block numbers (``(indx + 1) in outp
 The official train.py/test.py hard-code ``n_layers // 4 * (1, 2, 3, 4)`` (6 12 18 24 on ViT-L),
 while the study (Table 2) reports feature layers [3, 6, 9] (also the default ``out_layers`` of
 the official ``Transformer.forward``). Our default follows the study: blocks 3, 6, 9. The released
-checkpoints carry 4 patch heads (trained on 6 12 18 24): load them with ``layers=(6, 12, 18, 24)``;
-a checkpoint whose head count differs from the tapped layers is refused (the official
+checkpoints carry 4 patch heads (trained on 6 12 18 24) and load as published: when ``layers`` is not
+given, ``build_method`` takes the blocks from the checkpoint by the official rule (provenance
+``layers_from``); an explicit ``layers`` whose count differs from the heads is refused (the official
 ``strict=False`` loader would silently keep the first heads).
 
 At 240 px the official code rebuilds the model from its JSON config without a quick_gelu flag, so
@@ -257,6 +258,15 @@ class AdaCLIP(AnomalyMethod):
         return self.forward_details(images).output
 
     # --- official checkpoints ----------------------------------------------------------------
+    @classmethod
+    def checkpoint_head_count(cls, obj: Any, ours: bool) -> int | None:
+        """Patch-token heads in a checkpoint (each taps one block); None if it has none."""
+        if not isinstance(obj, dict):
+            return None
+        prefix = "patch_token_layer.head." if ours else f"{CHECKPOINT_PREFIX}patch_token_layer.head."
+        heads = {str(k)[len(prefix):].split(".")[0] for k in obj if str(k).startswith(prefix)}
+        return len(heads) or None
+
     def convert_official_checkpoint(self, obj: Any, source: str) -> dict[str, torch.Tensor]:
         """The flat ``{"clip_model.<part>.<param>": tensor}`` dict train.py saves -> our state."""
         if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -273,7 +283,7 @@ class AdaCLIP(AnomalyMethod):
         if len(heads) != len(self.layers):
             raise WeightsError(
                 f"{source}: checkpoint has {len(heads)} patch-token heads but the method taps {len(self.layers)} blocks "
-                f"{self.layers}; build it with {len(heads)} layers (the released AdaCLIP weights: layers 6 12 18 24)"
+                f"{self.layers}; build it with {len(heads)} layers, or give no layers to take them from the checkpoint"
             )
         for prompter in ("visual_prompter", "text_prompter"):
             static = [v for k, v in state.items() if k.startswith(f"{prompter}.static_prompts.")]

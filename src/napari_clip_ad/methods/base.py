@@ -114,6 +114,16 @@ class AnomalyMethod(nn.Module):
     def on_weights_loaded(self) -> None:
         """Hook: drop caches that depend on trainable weights (e.g. text features)."""
 
+    @classmethod
+    def checkpoint_head_count(cls, obj: Any, ours: bool) -> int | None:
+        """Number of per-layer heads a checkpoint carries, where that fixes the tapped blocks (else None).
+
+        Args:
+            obj: Our flat state dict (``ours``) or the object of an authors' released checkpoint.
+            ours: Which of the two ``obj`` is.
+        """
+        return None
+
     def convert_official_checkpoint(self, obj: Any, source: str) -> dict[str, torch.Tensor]:
         """Map the authors' released checkpoint object to :meth:`trainable_state_dict` keys.
 
@@ -187,4 +197,5 @@ class AnomalyMethod(nn.Module):
             "random_weights": self.backbone.random_weights,
             "image_size": self.image_size,
             "options": {k: v for k, v in self.config.items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))},
+            **({"layers_from": self.layers_origin} if getattr(self, "layers_origin", None) else {}),
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,69 @@ from .base import AnomalyMethod
 from .released import RELEASED, local_path
 
 FORMAT = "napari-clip-ad"
+
+
+@dataclass
+class WeightsFile:
+    """A weights file read once: ours (safetensors ``state`` + header ``meta``) or a released ``obj``.
+
+    Attributes:
+        path: The resolved file.
+        ours: True for our safetensors files, False for the authors' released checkpoints.
+        state: Our flat state dict (ours only).
+        meta: Our safetensors header metadata (ours only).
+        obj: The object ``torch.load(weights_only=True)`` returned (released only).
+    """
+
+    path: Path
+    ours: bool
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)
+    obj: Any = None
+
+
+def read_weights_file(weights: str | Path) -> WeightsFile:
+    """Resolve a weights name or path and read it (safely) without building a method."""
+    path = resolve_weights(weights)
+    if path.suffix == ".safetensors":
+        state, meta = read_our_weights(path)
+        return WeightsFile(path, True, state=state, meta=meta)
+    return WeightsFile(path, False, obj=read_released(path))
+
+
+def official_layers(n_heads: int, n_blocks: int) -> list[int]:
+    """Blocks the official test scripts tap for a checkpoint with ``n_heads`` per-layer heads.
+
+    AdaCLIP test.py: ``substage = n_layers // 4; features_list = [substage, 2 * substage, ...]``; VAND's
+    and MVFA-AD's released runs use the same 6 12 18 24 on ViT-L (24 blocks). Generalised to n heads.
+    """
+    step = n_blocks // n_heads
+    if step < 1:
+        raise WeightsError(f"checkpoint has {n_heads} per-layer heads but the backbone has only {n_blocks} blocks")
+    return [step * (i + 1) for i in range(n_heads)]
+
+
+def checkpoint_layers(cls: type[AnomalyMethod], loaded: WeightsFile, n_blocks: int) -> tuple[list[int], str] | None:
+    """The tapped blocks a checkpoint fixes, and how they were found; None when it fixes none.
+
+    Our files record their blocks in the header (``layers``; older files: None, the method default they
+    were trained with); released checkpoints are read by their number of per-layer heads and the
+    official tapping rule (:func:`official_layers`) when their head count differs from the method's
+    default (AdaCLIP: 4 released heads vs the study's 3 blocks); an equal count keeps the default blocks.
+    """
+    if loaded.ours:
+        if loaded.meta.get("layers"):
+            try:
+                layers = [int(i) for i in json.loads(loaded.meta["layers"])]
+            except (ValueError, TypeError):
+                raise WeightsError(f"{loaded.path}: header field 'layers' is not a list of block numbers; re-save the weights") from None
+            return layers, f"checkpoint header (blocks {' '.join(map(str, layers))})"
+        return None  # files saved before the header recorded blocks: the method's default, as when they were made
+    n_heads = cls.checkpoint_head_count(loaded.obj, ours=False)
+    if not n_heads or n_heads == len(cls.default_layers):
+        return None  # the method's default blocks have that many heads: keep them (outputs as before)
+    layers = official_layers(n_heads, n_blocks)
+    return layers, f"checkpoint: {n_heads} per-layer heads -> blocks {' '.join(map(str, layers))} (official rule n_blocks // {n_heads} x 1..{n_heads})"
 
 
 def resolve_weights(weights: str | Path) -> Path:
@@ -51,6 +115,8 @@ def save_method_weights(method: AnomalyMethod, path: str | Path, metadata: dict[
         "image_size": str(method.image_size),
         "version": __version__,
     }
+    if getattr(method, "layers", None):
+        meta["layers"] = json.dumps([int(i) for i in method.layers])
     state = {k: v.detach().cpu().contiguous() for k, v in method.trainable_state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
@@ -87,16 +153,21 @@ def read_released(path: Path) -> Any:
         raise WeightsError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]})") from None
 
 
-def load_method_weights(method: AnomalyMethod, weights: str | Path) -> Path:
+def load_method_weights(method: AnomalyMethod, weights: str | Path | WeightsFile) -> Path:
     """Load trained parts into ``method`` from our safetensors or the authors' released format.
+
+    Args:
+        method: The built method.
+        weights: A released-weights name, a path, or a file already read by :func:`read_weights_file`.
 
     Raises:
         WeightsError: Missing or unreadable file, unsafe pickle, or a checkpoint of another
             method, backbone or shape.
     """
-    path = resolve_weights(weights)
-    if path.suffix == ".safetensors":
-        state, meta = read_our_weights(path)
+    loaded = weights if isinstance(weights, WeightsFile) else read_weights_file(weights)
+    path = loaded.path
+    if loaded.ours:
+        state, meta = loaded.state, loaded.meta
         if meta.get("format") != FORMAT:
             raise WeightsError(f"{path}: safetensors file without napari-clip-ad metadata; save weights with napari-clip-ad")
         if meta.get("method") != method.name:
@@ -107,7 +178,7 @@ def load_method_weights(method: AnomalyMethod, weights: str | Path) -> Path:
                 f"not {method.backbone.name!r} ({method.backbone.arch}); pass the matching --backbone"
             )
     else:
-        state = method.convert_official_checkpoint(read_released(path), str(path))
+        state = method.convert_official_checkpoint(loaded.obj, str(path))
     method.load_trainable_state(state, str(path))
     method.weights_source = str(path)
     return path

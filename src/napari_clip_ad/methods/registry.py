@@ -94,11 +94,27 @@ def build_method(
             set_activation(backbone.model, cls.quick_gelu)
     else:
         backbone = load_backbone(str(backbone), device="cpu", quick_gelu=cls.quick_gelu)
+    loaded, origin = None, None
+    if weights is not None:
+        from .checkpoints import checkpoint_layers, read_weights_file
+
+        loaded = read_weights_file(weights)
+        found = checkpoint_layers(cls, loaded, _n_blocks(backbone))
+        # A released checkpoint loads as published: its heads fix the tapped blocks unless the user named them
+        # (then a contradiction is refused by the method's loader with the count it found).
+        if found is not None and options.get("layers") is None:
+            options["layers"], origin = found
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         method = cls(backbone, image_size=image_size, **options)
-    if weights is not None:
+    if loaded is not None:
         from .checkpoints import load_method_weights
 
-        load_method_weights(method, weights)
+        method.layers_origin = origin
+        load_method_weights(method, loaded)
     return method.to(target).eval()
+
+
+def _n_blocks(backbone: Backbone) -> int:
+    """Number of transformer blocks of the backbone's visual tower."""
+    return len(backbone.model.visual.transformer.resblocks)

@@ -174,6 +174,16 @@ class VAND(AnomalyMethod):
         return self.head(self.tap_tokens(images))
 
     # --- official checkpoints ----------------------------------------------------------------
+    @classmethod
+    def checkpoint_head_count(cls, obj: Any, ours: bool) -> int | None:
+        """Linear heads ``fc.<i>`` in a checkpoint (each maps one tapped block); None if it has none."""
+        state = obj if ours else (obj.get(CHECKPOINT_KEY) if isinstance(obj, dict) else None)
+        if not isinstance(state, dict):
+            return None
+        prefix = "linear.fc." if ours else "fc."
+        heads = {str(k)[len(prefix):].split(".")[0] for k in state if str(k).startswith(prefix)}
+        return len(heads) or None
+
     def convert_official_checkpoint(self, obj: Any, source: str) -> dict[str, torch.Tensor]:
         """``{"trainable_linearlayer": LinearLayer.state_dict()}`` as train.py saves it -> our state."""
         if not isinstance(obj, dict) or not isinstance(obj.get(CHECKPOINT_KEY), dict):
@@ -188,7 +198,7 @@ class VAND(AnomalyMethod):
         if all(linear_keys) and n_theirs != len(self.layers):
             raise WeightsError(
                 f"{source}: checkpoint has {n_theirs} linear layers but the method taps {len(self.layers)} blocks "
-                f"{self.layers}; build it with {n_theirs} layers (the official runs used 6 12 18 24)"
+                f"{self.layers}; build it with {n_theirs} layers, or give no layers to take them from the checkpoint"
             )
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
