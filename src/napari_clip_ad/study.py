@@ -13,13 +13,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .atomic import write_json
-from .engine import parse_modality
-from .engine.views import PostOptions, run_views, threshold_mask
+from .case_options import CaseOptions, PostOptions
+from .engine.pipeline import run_case
 from .errors import InputError, WeightsError
-from .io import MODALITIES, case_id_of, find_cases, load_case, load_split, save_split, save_volume, split_cases
+from .io import case_id_of, find_cases, load_case, load_split, save_split, save_volume, split_cases
 from .metrics import volume_metrics
 
 STUDY_METHODS = ("vand", "anomalyclip", "anovl", "adaclip")
@@ -153,17 +152,20 @@ def variant_tag(post: PostOptions) -> str:
 def _infer_split(settings: StudySettings, method_obj, modality: str, post: PostOptions, cases: list[Path],
                  test_ids: list[str], maps_dir: Path, record: dict[str, Any]) -> None:
     """Maps, masks and per-case metrics of the test cases, plus ``infer.json`` (what ``report`` reads)."""
-    modalities = parse_modality(modality)
+    options = CaseOptions(modality=modality, views=post.views, fuse=post.fuse, restrict_to_brain=post.restrict_to_brain,
+                          smooth3d_mm=post.smooth3d_mm, min_component=post.min_component, threshold=settings.threshold,
+                          batch_size=settings.batch_size)
+    modalities = options.modalities
     by_id = {case_id_of(p): p for p in cases}
     for case_id in test_ids:
-        case = load_case(by_id[case_id], modalities=sorted(set(modalities), key=MODALITIES.index))
-        anomaly_map, info, _ = run_views(case, method_obj, post, modality=modalities, batch_size=settings.batch_size)
-        mask = threshold_mask(anomaly_map, settings.threshold, post.min_component)
-        save_volume(anomaly_map.astype(np.float32), case, maps_dir / f"{case_id}_anomaly.nii.gz")
-        save_volume(mask, case, maps_dir / f"{case_id}_mask.nii.gz")
+        case = load_case(by_id[case_id], modalities=options.modalities_to_load)
+        result = run_case(case, method_obj, options)
+        save_volume(result.anomaly_map, case, maps_dir / f"{case_id}_anomaly.nii.gz")
+        save_volume(result.mask, case, maps_dir / f"{case_id}_mask.nii.gz")
         if case.whole_tumour is not None:
             write_json(maps_dir / f"{case_id}_metrics.json",
-                       {"case_id": case_id, "threshold": settings.threshold, **volume_metrics(mask.astype(bool), case.whole_tumour), **info})
+                       {"case_id": case_id, "threshold": settings.threshold,
+                        **volume_metrics(result.mask.astype(bool), case.whole_tumour), **result.info})
     write_json(maps_dir / "infer.json", {**record, "modality": "+".join(modalities), "axis": "+".join(post.views),
                                          **post.describe(), "threshold": settings.threshold, "cases": list(test_ids)})
 

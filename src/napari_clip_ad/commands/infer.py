@@ -5,16 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 
 from ..atomic import write_json
 from ..io import case_id_of, find_cases, load_case, save_volume
-from ..io.layouts import MODALITIES
 
-if TYPE_CHECKING:
-    from ..engine.views import PostOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,35 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="vand", help="method name (see 'napari-clip-ad weights list' for weights)")
     p.add_argument("--backbone", default=None, help="backbone registry name, ARCH:TAG, hf-hub: name or file")
     p.add_argument("--weights", default=None, help="method weights: released name or file (.pth as published, or .safetensors)")
-    p.add_argument("--modality", default="t2w", help="t1n, t1c, t2w, t2f, or three joined by '+' (e.g. t1c+t2w+t2f)")
+    from ..case_options import add_case_arguments
+
+    add_case_arguments(p)
     p.add_argument("--axis", default=None, choices=["axial", "coronal", "sagittal"], help="slicing axis (default axial); same as --views with one view")
-    p.add_argument("--views", default=None, choices=["axial", "coronal", "sagittal", "all"],
-                   help="slicing view; 'all' runs axial, coronal and sagittal and fuses the maps (see --fuse)")
-    p.add_argument("--fuse", default="mean", choices=["mean", "max"], help="voxel-wise fusion of the views with --views all (default mean)")
-    p.add_argument("--restrict-to-brain", action="store_true", help="zero the map outside the case's brain mask")
-    p.add_argument("--smooth3d", type=float, default=0.0, metavar="SIGMA_MM",
-                   help="3D Gaussian of SIGMA_MM millimetres on the (fused) map, using the case's voxel size (default 0: none)")
-    p.add_argument("--min-component", type=int, default=0, metavar="VOXELS",
-                   help="drop 26-connected components of the mask smaller than VOXELS (default 0: keep all)")
-    p.add_argument("--threshold", type=float, default=0.5, help="mask threshold on the [0,1] map (voxel positive if >=)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: 16 on a GPU, 8 on the CPU)")
     p.add_argument("--image-size", type=int, default=240)
-    p.add_argument("--sigma", type=float, default=None, help="Gaussian sigma per slice map (default: the method's official one)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=run)
-
-
-def _options(args: argparse.Namespace) -> PostOptions:
-    """The run's :class:`~napari_clip_ad.engine.views.PostOptions` (``--axis`` and ``--views`` must agree)."""
-    from ..engine.views import PostOptions
-    from ..errors import InputError
-
-    if args.views and args.axis and args.views != args.axis:
-        raise InputError(f"--axis {args.axis} and --views {args.views} disagree; give only --views")
-    views = PostOptions.parse_views(args.views or args.axis or "axial")
-    return PostOptions(views=views, fuse=args.fuse, restrict_to_brain=args.restrict_to_brain,
-                       smooth3d_mm=args.smooth3d, min_component=args.min_component)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,16 +35,11 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..distributed import init_distributed, rank_device
-    from ..engine import parse_modality
-    from ..engine.views import run_views, threshold_mask
-    from ..errors import InputError
+    from ..engine.pipeline import options_from_args, run_case
     from ..methods import build_method, resolve_device
     from ..metrics import volume_metrics
 
-    modalities = parse_modality(args.modality)
-    if not 0.0 <= args.threshold <= 1.0:
-        raise InputError(f"--threshold must be in [0, 1] (maps are in [0, 1]), got {args.threshold}")
-    options = _options(args)
+    options = options_from_args(args)
     all_cases = find_cases(args.path)
     # Under torchrun the ranks share the cohort round-robin, each on its own GPU; gloo carries only the barrier.
     ranks = init_distributed(torch.device("cpu"))
@@ -82,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: backbone {method.backbone.label}: results come from random weights and mean nothing", file=sys.stderr)
     written: list[Path] = []
     for path in tqdm(cases, desc="cases", unit="case", file=sys.stderr, disable=len(cases) < 2):
-        case = load_case(path, modalities=sorted(set(modalities), key=MODALITIES.index))
+        case = load_case(path, modalities=options.modalities_to_load)
         bars: list[tqdm] = []
 
         def progress_for(view: str, case_id: str = case.case_id, bars: list = bars):
@@ -97,22 +66,21 @@ def run(args: argparse.Namespace) -> int:
 
             return progress
 
-        anomaly_map, info, _ = run_views(case, method, options, modality=modalities, batch_size=args.batch_size,
-                                         sigma=args.sigma, progress_for=progress_for)
-        for bar in bars:
-            bar.close()
-        mask = threshold_mask(anomaly_map, args.threshold, options.min_component)
+        try:
+            result = run_case(case, method, options, progress_for=progress_for)
+        finally:
+            for bar in bars:
+                bar.close()
         stem = args.out / case_id_of(path)
-        written.append(save_volume(anomaly_map.astype(np.float32), case, f"{stem}_anomaly.nii.gz"))
-        written.append(save_volume(mask, case, f"{stem}_mask.nii.gz"))
+        written.append(save_volume(result.anomaly_map, case, f"{stem}_anomaly.nii.gz"))
+        written.append(save_volume(result.mask, case, f"{stem}_mask.nii.gz"))
         if case.whole_tumour is not None:
-            metrics = volume_metrics(mask.astype(bool), case.whole_tumour)
-            write_json(f"{stem}_metrics.json", {"case_id": case.case_id, "threshold": args.threshold, **metrics, **info})
+            metrics = volume_metrics(result.mask.astype(bool), case.whole_tumour)
+            write_json(f"{stem}_metrics.json", {"case_id": case.case_id, "threshold": options.threshold, **metrics, **result.info})
             written.append(Path(f"{stem}_metrics.json"))
     ranks.barrier()
     if ranks.main:  # one summary for the whole cohort, written once every rank has finished
-        write_json(args.out / "infer.json", {**description, "modality": "+".join(modalities), "axis": "+".join(options.views),
-                                             **options.describe(), "threshold": args.threshold,
+        write_json(args.out / "infer.json", {**description, **options.describe(),
                                              "weights": getattr(method, "weights_source", None),
                                              "world_size": ranks.world, "cases": [case_id_of(p) for p in all_cases]})
     for path in written:

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..case_options import parse_modality
 from ..errors import Cancelled, InputError
-from ..io import MODALITIES, Case
+from ..io import Case
 from ..methods import AnomalyMethod, smooth_maps
 from .preprocess import axis_index, preprocess_slices, slices_along
 
@@ -35,17 +36,6 @@ class VolumeResult:
     scores: np.ndarray
     analysed: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_modality(modality: str | Sequence[str]) -> list[str]:
-    """'t2w' -> ['t2w']; 't1c+t2w+t2f' or a 3-sequence -> three modalities as the three channels."""
-    names = modality.split("+") if isinstance(modality, str) else list(modality)
-    if len(names) not in (1, 3):
-        raise InputError(f"modality {modality!r}: give one modality or three joined by '+' (e.g. t1c+t2w+t2f)")
-    for name in names:
-        if name not in MODALITIES:
-            raise InputError(f"unknown modality {name!r}; use one of {', '.join(MODALITIES)} (FLAIR = t2f), or three joined by '+'")
-    return names
 
 
 def _volume_and_brain(source: Case | np.ndarray, modalities: list[str], brain_mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

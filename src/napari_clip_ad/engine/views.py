@@ -8,61 +8,16 @@ threshold, then drop small 26-connected components from the mask.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..case_options import PostOptions
 from ..io import Case
 from ..methods import AnomalyMethod
-from ..postprocess3d import FUSION_MODES, fuse_views, remove_small_components, restrict_to_brain, smooth3d
+from ..postprocess3d import fuse_views, remove_small_components, restrict_to_brain, smooth3d
 from .run import VolumeResult, run_volume
 
-AXES = ("axial", "coronal", "sagittal")
-VIEW_CHOICES = (*AXES, "all")
-
-
-@dataclass(frozen=True)
-class PostOptions:
-    """What is done to a case's maps beyond the study's setup (defaults: nothing).
-
-    Attributes:
-        views: Slicing axes; more than one are fused with ``fuse``.
-        fuse: ``'mean'`` or ``'max'`` voxel-wise fusion of the views.
-        restrict_to_brain: Zero the map outside the case's brain mask.
-        smooth3d_mm: Sigma in mm of a 3D Gaussian on the (fused) map; 0 = none.
-        min_component: Smallest 26-connected component (voxels) kept in the mask; 0 = keep all.
-    """
-
-    views: tuple[str, ...] = ("axial",)
-    fuse: str = "mean"
-    restrict_to_brain: bool = False
-    smooth3d_mm: float = 0.0
-    min_component: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.views or any(v not in AXES for v in self.views) or len(set(self.views)) != len(self.views):
-            raise InputError(f"views {self.views!r}: give distinct views among {', '.join(AXES)}, or 'all'")
-        if self.fuse not in FUSION_MODES:
-            raise InputError(f"--fuse {self.fuse!r}: use one of {', '.join(FUSION_MODES)}")
-        if not self.smooth3d_mm >= 0:
-            raise InputError(f"--smooth3d {self.smooth3d_mm}: give a sigma in mm >= 0 (0 = no smoothing)")
-        if self.min_component < 0:
-            raise InputError(f"--min-component {self.min_component}: give a size in voxels >= 0 (0 = keep all)")
-
-    @staticmethod
-    def parse_views(text: str) -> tuple[str, ...]:
-        """``'all'`` -> the three axes; ``'axial'`` -> ``('axial',)``; also ``'axial+coronal'``."""
-        if text == "all":
-            return AXES
-        return tuple(text.split("+"))
-
-    def describe(self) -> dict[str, Any]:
-        """The options as JSON-ready provenance (``views`` joined by '+')."""
-        return {"views": "+".join(self.views), "fuse": self.fuse if len(self.views) > 1 else None,
-                "restrict_to_brain": self.restrict_to_brain, "smooth3d_mm": float(self.smooth3d_mm),
-                "min_component": int(self.min_component)}
 
 
 def run_views(case: Case, method: AnomalyMethod, options: PostOptions, modality: str | Sequence[str] = "t2w",

@@ -1,0 +1,141 @@
+"""One case pipeline for every front end: case (or arrays) + options -> map, mask, provenance.
+
+``napari-clip-ad infer``, the study and the napari widget all call :func:`run_case` with a
+:class:`CaseOptions`; the CLI flags and the widget's "Advanced" controls are generated from the same
+:data:`OPTION_SPECS`, so an option added here exists everywhere with one name and one default.
+
+Order of the steps: run the method along each view (:func:`~napari_clip_ad.engine.run_volume`), fuse the
+views, smooth in 3D (mm), zero outside the brain, threshold, drop small 26-connected components.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..case_options import OPTION_SPECS, CaseOptions, OptionSpec, add_case_arguments, options_from_args
+from ..errors import InputError
+from ..io import MODALITIES, Case
+from ..io.nifti import Geometry
+from ..methods import AnomalyMethod
+from .run import ProgressCallback, VolumeResult
+from .views import run_views, threshold_mask
+
+
+@dataclass
+class CaseResult:
+    """What the pipeline gives for one case.
+
+    Attributes:
+        anomaly_map: float32 [0, 1] map aligned with the case (canonical [z, y, x]).
+        mask: uint8 mask at ``options.threshold`` after the minimum-component cleaning.
+        info: Provenance: method, backbone, options, slices analysed, device...
+        views: The single-view results (per-slice scores along each view).
+        options: The options used.
+    """
+
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+    info: dict[str, Any]
+    views: list[VolumeResult] = field(default_factory=list)
+    options: CaseOptions = field(default_factory=CaseOptions)
+
+    def mask_at(self, threshold: float) -> np.ndarray:
+        """The mask at another threshold, cleaned like :attr:`mask`."""
+        return threshold_mask(self.anomaly_map, threshold, self.options.min_component)
+
+
+def run_case(
+    case: Case,
+    method: AnomalyMethod,
+    options: CaseOptions | None = None,
+    progress_for: Callable[[str], ProgressCallback | None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> CaseResult:
+    """Run ``method`` on one case with every option; the only path from a case to a map and mask.
+
+    Args:
+        case: A loaded case (:func:`~napari_clip_ad.io.load_case`) or one made by :func:`case_from_arrays`.
+        method: A built method.
+        options: The pipeline options (defaults: the study's axial, single-modality setup).
+        progress_for: Gives the progress callback of one view (by name), or None.
+        cancel: Checked between batches; raising :class:`~napari_clip_ad.errors.Cancelled` when True.
+
+    Returns:
+        The map, the mask and their provenance.
+    """
+    options = options or CaseOptions()
+    anomaly_map, info, results = run_views(case, method, options.post, modality=options.modalities,
+                                           batch_size=options.batch_size, sigma=options.sigma,
+                                           progress_for=progress_for, cancel=cancel)
+    anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
+    mask = threshold_mask(anomaly_map, options.threshold, options.min_component)
+    info = {**info, **options.describe(), "sigma": info.get("sigma"), "case_id": case.case_id}
+    return CaseResult(anomaly_map, mask, info, results, options)
+
+
+def case_from_arrays(
+    images: dict[str, np.ndarray],
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    brain_mask: np.ndarray | None = None,
+    case_id: str = "volume",
+    seg: np.ndarray | None = None,
+    affine: np.ndarray | None = None,
+) -> Case:
+    """A :class:`~napari_clip_ad.io.Case` from canonical [z, y, x] arrays (e.g. napari layers).
+
+    Args:
+        images: Modality -> 3D array, all of one shape.
+        spacing: Voxel size in mm (z, y, x), used by the 3D smoothing.
+        brain_mask: Brain voxels; None = the voxels non-zero in any image.
+        case_id: Name recorded in provenance.
+        seg: Optional labels (whole tumour = label > 0).
+        affine: Canonical voxel -> world affine; None = diagonal from ``spacing``.
+    """
+    import nibabel as nib
+
+    if not images:
+        raise InputError("no image given: pass at least one modality volume")
+    unknown = [m for m in images if m not in MODALITIES]
+    if unknown:
+        raise InputError(f"unknown modality {unknown[0]!r}; use one of {', '.join(MODALITIES)} (FLAIR = t2f)")
+    arrays = {m: np.asarray(v) for m, v in images.items()}
+    shapes = {a.shape for a in arrays.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise InputError(f"the modality volumes must be 3D arrays of one shape [z, y, x], got {sorted(map(str, shapes))}")
+    shape = next(iter(shapes))
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"voxel spacing must be three positive finite mm values (z, y, x), got {spacing}")
+    for name, array in arrays.items():
+        if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+            raise InputError(f"{name} volume has dtype {array.dtype}; give real numbers")
+    floats = {m: np.asarray(a, dtype=np.float32) for m, a in arrays.items()}
+    if brain_mask is None:
+        brain = np.zeros(shape, dtype=bool)
+        for array in floats.values():
+            brain |= array != 0
+    else:
+        brain = np.asarray(brain_mask).astype(bool)
+        if brain.shape != shape:
+            raise InputError(f"brain mask shape {brain.shape} differs from the volume shape {shape}")
+    if seg is not None and np.asarray(seg).shape != shape:
+        raise InputError(f"ground-truth shape {np.asarray(seg).shape} differs from the volume shape {shape}")
+    canonical = np.diag([*spacing, 1.0]) if affine is None else np.asarray(affine, dtype=np.float64)
+    # Source grid = canonical grid (z, y, x as stored): identity orientation transform.
+    transform = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_zooms(spacing)
+    geometry = Geometry(canonical, header, tuple(int(s) for s in shape), transform, spacing)
+    return Case(case_id=case_id, path=Path(case_id), layout="arrays", images=floats,
+                seg=None if seg is None else np.asarray(seg).astype(np.int16), brain_mask=brain, geometry=geometry)
+
+
+__all__ = ["OPTION_SPECS", "CaseOptions", "CaseResult", "OptionSpec", "add_case_arguments", "case_from_arrays",
+           "options_from_args", "run_case"]
