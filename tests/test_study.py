@@ -44,7 +44,8 @@ def test_grid_writes_every_table_and_figure(study):
         rows = list(csv.DictReader(handle))
     cells = {(r["method"], r["setup"]) for r in rows}
     expected = {(m, s) for m in ("vand", "anomalyclip", "adaclip") for s in ("industrial", "finetune", "brats", "pmc")}
-    assert cells == expected | {("anovl", "industrial")}
+    assert cells == expected | {("anovl", "industrial"), ("intensity", "baseline")}
+    assert (rows[0]["method"], rows[0]["setup"]) == ("intensity", "baseline")  # the reference row leads
     assert "random weights" in (report / "report.md").read_text()
     split = json.loads((out / "split.json").read_text())
     assert len(split["test"]) == 1 and len(split["train"]) == 3
@@ -59,7 +60,7 @@ def test_rerun_skips_finished_cells(study, capsys):
     capsys.readouterr()
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert err.count("done earlier, skipped") == 13
+    assert err.count("done earlier, skipped") == 14
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*_anomaly.nii.gz")} == before
 
 
@@ -67,7 +68,7 @@ def test_report_numbers_equal_evaluate(study, small_cohort, tmp_path):
     out, _ = study
     with open(out / "report" / "table1.csv") as handle:
         rows = {(r["method"], r["setup"]): r for r in csv.DictReader(handle)}
-    for cell in ("vand-brats", "anovl-industrial"):
+    for cell in ("vand-brats", "anovl-industrial", "intensity-baseline"):
         assert main(["evaluate", "--maps", str(out / "cells" / cell / "maps"), "--data", str(small_cohort), "--out", str(tmp_path / cell)]) == 0
         summary = json.loads((tmp_path / cell / "summary.json").read_text())
         row = rows[tuple(cell.split("-"))]
@@ -92,8 +93,9 @@ def test_modality_composite_study_reports_beside_the_t2w_one(study, small_cohort
     composite = tmp_path / "composite"
     args = ["study", "--data", str(small_cohort), "--out", str(composite), "--methods", "vand", "--setups", "brats",
             "--backbone", "tiny-test", "--epochs", "1", "--device", "cpu", "--max-slices-per-case", "4",
-            "--modality", "t1c+t2w+t2f"]
+            "--modality", "t1c+t2w+t2f", "--no-baseline"]
     assert main(args) == 0
+    assert not (composite / "cells" / "intensity-baseline").exists()
     info = json.loads((composite / "cells" / "vand-brats" / "maps" / "infer.json").read_text())
     assert info["setup"] == "brats+t1c+t2w+t2f" and info["modality"] == "t1c+t2w+t2f"
     assert json.loads((composite / "cells" / "vand-brats" / "train" / "config.json").read_text())["modality"] == "t1c+t2w+t2f"

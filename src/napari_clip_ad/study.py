@@ -22,6 +22,8 @@ from .io import case_id_of, find_cases, load_case, load_split, save_split, save_
 from .metrics import volume_metrics
 
 STUDY_METHODS = ("vand", "anomalyclip", "anovl", "adaclip")
+BASELINE_METHOD, BASELINE_SETUP = "intensity", "baseline"
+"""The model-free reference every method is read against (robust z-score inside the brain)."""
 TRAINING_FREE = ("anovl", "winclip")
 """Methods evaluated in the industrial setup only (the study: 'AnoVL was only evaluated on industrial')."""
 
@@ -43,6 +45,8 @@ class StudySettings:
     threshold: float = 0.5
     modality: str = "t2w"
     post: PostOptions = field(default_factory=PostOptions)
+    baseline: bool = True
+    """Run the model-free ``intensity`` baseline first (its row leads table 1); ``--no-baseline`` turns it off."""
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)
 
 
@@ -53,7 +57,9 @@ def cells(settings: StudySettings) -> list[tuple[str, str]]:
     for setup in settings.setups:
         if setup not in SETUPS:
             raise InputError(f"unknown setup {setup!r}; use some of {', '.join(SETUPS)}")
-    return [(m, s) for m in settings.methods for s in settings.setups if s == "industrial" or m not in TRAINING_FREE]
+    grid = [(m, s) for m in settings.methods if m != BASELINE_METHOD
+            for s in settings.setups if s == "industrial" or m not in TRAINING_FREE]
+    return ([(BASELINE_METHOD, BASELINE_SETUP)] if settings.baseline or BASELINE_METHOD in settings.methods else []) + grid
 
 
 def study_split(settings: StudySettings) -> tuple[list[Path], Any]:
@@ -108,6 +114,8 @@ def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path]
     from .train import run_training
 
     cell = settings.out / "cells" / f"{method}-{setup}"
+    if method == BASELINE_METHOD:
+        return _run_baseline_cell(settings, cell, cases, split)
     config, note = _released_or_none(_config(settings, method, setup), settings)
     if note:
         settings.log(f"note: {note}")
@@ -131,6 +139,23 @@ def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path]
     for folder, label, post in variants:
         _infer_split(settings, method_obj, config.modality, post, cases, split.test, cell / folder, {**base, "setup": label})
     record = {**base, "setup": setup, "runs": [folder for folder, _, _ in variants]}
+    write_json(cell / "done.json", record)
+    return record
+
+
+def _run_baseline_cell(settings: StudySettings, cell: Path, cases: list[Path], split: Any) -> dict[str, Any]:
+    """The ``intensity`` baseline on the test split (no training, no model), with the study's variants."""
+    from .methods import build_method
+
+    method_obj = build_method(BASELINE_METHOD)
+    base = {**method_obj.describe(), "weights": None, "trained": False, "note": "", "config": {"modality": settings.modality}}
+    label = BASELINE_SETUP if settings.modality == "t2w" else f"{BASELINE_SETUP}+{settings.modality}"
+    variants = [("maps", label, PostOptions())]
+    if settings.post != PostOptions():
+        variants.append((f"maps-{variant_tag(settings.post)}", f"{label}+{variant_tag(settings.post)}", settings.post))
+    for folder, run_label, post in variants:
+        _infer_split(settings, method_obj, settings.modality, post, cases, split.test, cell / folder, {**base, "setup": run_label})
+    record = {**base, "setup": BASELINE_SETUP, "runs": [folder for folder, _, _ in variants]}
     write_json(cell / "done.json", record)
     return record
 

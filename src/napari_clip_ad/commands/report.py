@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         options = ScoringOptions(lesionwise=args.lesionwise, min_component=int(info.options.get("min_component") or 0))
         scores = score_maps(run_pairs, rule, args.region, args.data, what=f"{info.name}: ", options=options)
         scored.append(ScoredRun(info, scores, summarise(scores)))
+    scored.sort(key=lambda run: run.info.method != "intensity")  # the model-free baseline's row leads (stable)
     files = _render(scored, args.lesionwise)
     for name, content in files.items():
         if isinstance(content, bytes):

@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--smooth3d", type=float, default=0.0, metavar="SIGMA_MM")
     p.add_argument("--min-component", type=int, default=0, metavar="VOXELS")
     p.add_argument("--lesionwise", action="store_true", help="add BraTS-MET lesion-wise Dice to the report")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the model-free intensity baseline (robust z-score) whose row otherwise leads table 1")
     p.set_defaults(func=run)
 
 
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         backbone=args.backbone, epochs=args.epochs, device=args.device, seed=args.seed,
         max_slices_per_case=args.max_slices_per_case, batch_size=args.batch_size,
         threshold=rule if isinstance(rule, float) else 0.5, modality=args.modality, post=post,
+        baseline=not args.no_baseline,
     )
     runs = run_study(settings)
     report = ["report", *map(str, runs), "--data", str(args.data), "--out", str(args.out / "report"), "--threshold", args.threshold]

@@ -125,6 +125,15 @@ def run_volume(
     n_slices = brain_slices.shape[0]
     analysed = brain_slices.reshape(n_slices, -1).any(axis=1)
     todo = np.flatnonzero(analysed)
+    if method.volume_level:  # whole-volume methods (intensity baseline): one call, per-slice score = map maximum
+        anomaly_map = method.volume_map(volume, brain.astype(bool), ax, sigma) if len(todo) else np.zeros(brain.shape, np.float32)
+        scores = slices_along(anomaly_map, ax).reshape(n_slices, -1).max(axis=1).astype(np.float32)
+        if progress:
+            progress(len(todo), len(todo))
+        info = {**method.describe(), "modality": "+".join(modalities), "sigma": sigma, "device": "cpu",
+                "axis": axis if isinstance(axis, str) else ["axial", "coronal", "sagittal"][ax],
+                "batch_size": None, "slices_analysed": int(len(todo)), "slices_total": int(n_slices)}
+        return VolumeResult(np.ascontiguousarray(anomaly_map, dtype=np.float32), scores, analysed, info)
     out_hw = tuple(brain_slices.shape[1:])
     maps = np.zeros((n_slices, *out_hw), dtype=np.float32)
     scores = np.zeros(n_slices, dtype=np.float32)

@@ -49,6 +49,10 @@ class AnomalyMethod(nn.Module):
     """Activation the official code runs the backbone with (None: keep the backbone's own)."""
     options: ClassVar[dict[str, Any]] = {}
     """Accepted keyword options and their defaults (others are refused)."""
+    needs_backbone: ClassVar[bool] = True
+    """False for model-free methods (the ``intensity`` baseline): ``build_method`` loads no backbone."""
+    volume_level: ClassVar[bool] = False
+    """True when the method scores whole volumes (``volume_map``) instead of batches of slices."""
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
         super().__init__()

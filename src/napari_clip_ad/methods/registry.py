@@ -14,7 +14,7 @@ from ..errors import InputError
 from .base import AnomalyMethod
 
 METHODS: dict[str, type[AnomalyMethod]] = {}
-_BUILTIN_MODULES = ("vand", "anomalyclip", "anovl", "adaclip", "winclip")
+_BUILTIN_MODULES = ("vand", "anomalyclip", "anovl", "adaclip", "winclip", "intensity")
 
 
 def register_method(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:
@@ -87,6 +87,10 @@ def build_method(
     """
     cls = method_class(name)
     target = resolve_device(device)
+    if not cls.needs_backbone:  # model-free (intensity baseline): nothing to load; provenance says "no model"
+        if weights is not None:
+            raise InputError(f"method {cls.name!r} has no trainable parts; drop --weights {weights}")
+        return cls(None, image_size=image_size, **options).eval()
     if backbone is None:
         backbone = cls.default_backbone
     if isinstance(backbone, Backbone):
