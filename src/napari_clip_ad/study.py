@@ -20,6 +20,7 @@ from .engine import parse_modality
 from .engine.views import PostOptions, run_views, threshold_mask
 from .errors import InputError, WeightsError
 from .io import MODALITIES, case_id_of, find_cases, load_case, load_split, save_split, save_volume, split_cases
+from .io.slice_scores import write_axial_scores
 from .metrics import volume_metrics
 
 STUDY_METHODS = ("vand", "anomalyclip", "anovl", "adaclip")
@@ -157,7 +158,8 @@ def _infer_split(settings: StudySettings, method_obj, modality: str, post: PostO
     by_id = {case_id_of(p): p for p in cases}
     for case_id in test_ids:
         case = load_case(by_id[case_id], modalities=sorted(set(modalities), key=MODALITIES.index))
-        anomaly_map, info, _ = run_views(case, method_obj, post, modality=modalities, batch_size=settings.batch_size)
+        anomaly_map, info, results = run_views(case, method_obj, post, modality=modalities, batch_size=settings.batch_size)
+        write_axial_scores(maps_dir / case_id, case_id, post.views, results)  # slice detection in the report
         mask = threshold_mask(anomaly_map, settings.threshold, post.min_component)
         save_volume(anomaly_map.astype(np.float32), case, maps_dir / f"{case_id}_anomaly.nii.gz")
         save_volume(mask, case, maps_dir / f"{case_id}_mask.nii.gz")

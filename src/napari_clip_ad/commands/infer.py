@@ -12,6 +12,7 @@ import numpy as np
 from ..atomic import write_json
 from ..io import case_id_of, find_cases, load_case, save_volume
 from ..io.layouts import MODALITIES
+from ..io.slice_scores import write_axial_scores
 
 if TYPE_CHECKING:
     from ..engine.views import PostOptions
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
             return progress
 
-        anomaly_map, info, _ = run_views(case, method, options, modality=modalities, batch_size=args.batch_size,
+        anomaly_map, info, results = run_views(case, method, options, modality=modalities, batch_size=args.batch_size,
                                          sigma=args.sigma, progress_for=progress_for)
         for bar in bars:
             bar.close()
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         stem = args.out / case_id_of(path)
         written.append(save_volume(anomaly_map.astype(np.float32), case, f"{stem}_anomaly.nii.gz"))
         written.append(save_volume(mask, case, f"{stem}_mask.nii.gz"))
+        written += write_axial_scores(stem, case.case_id, options.views, results)  # slice detection (evaluate)
         if case.whole_tumour is not None:
             metrics = volume_metrics(mask.astype(bool), case.whole_tumour)
             write_json(f"{stem}_metrics.json", {"case_id": case.case_id, "threshold": args.threshold, **metrics, **info})

@@ -12,11 +12,11 @@ from .ranking import (
     auroc_from_counts,
     average_precision_bound_from_counts,
     average_precision_from_counts,
-    bin_index,
-    bin_thresholds,
     check_scores,
     exact_counts,
     f1max_from_counts,
+    level_index,
+    level_thresholds,
 )
 
 DEFAULT_EXACT_LIMIT = 1 << 20
@@ -52,9 +52,10 @@ class PixelAccumulator:
             raise ValueError(f"bins must be at least 2, got {bins}")
         self.bins = int(bins)
         self.exact_limit = int(exact_limit)
-        self._total = np.zeros(self.bins, dtype=np.int64)
-        self._positive = np.zeros(self.bins, dtype=np.int64)
-        self._weight = np.zeros(self.bins, dtype=np.float64)
+        levels = self.bins + 2  # the bins, plus exact 0 and exact 1 apart (see ranking.level_index)
+        self._total = np.zeros(levels, dtype=np.int64)
+        self._positive = np.zeros(levels, dtype=np.int64)
+        self._weight = np.zeros(levels, dtype=np.float64)
         self.n_regions = 0
         """Ground-truth regions (connected components) pooled so far."""
         self._kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = []
@@ -101,10 +102,11 @@ class PixelAccumulator:
             scores, positive = scores[region], positive[region]  # keeps C order: weights still line up
         check_scores(scores, source)
         positive = positive.ravel()
-        index = bin_index(scores, self.bins).ravel()
-        self._total += np.bincount(index, minlength=self.bins)
-        self._positive += np.bincount(index[positive], minlength=self.bins)
-        self._weight += np.bincount(index[positive], weights=weights, minlength=self.bins)
+        index = level_index(scores, self.bins).ravel()
+        levels = self._total.size
+        self._total += np.bincount(index, minlength=levels)
+        self._positive += np.bincount(index[positive], minlength=levels)
+        self._weight += np.bincount(index[positive], weights=weights, minlength=levels)
         self.n_regions += n_regions
         if self._kept is not None:
             if self.n_voxels > self.exact_limit:
@@ -131,7 +133,7 @@ class PixelAccumulator:
     def counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Score levels (ascending) with the positive and negative voxel counts at each.
 
-        Exact while :attr:`is_exact` (distinct scores), else the histogram (bin lower edges).
+        Exact while :attr:`is_exact` (distinct scores), else the histogram (:func:`~.ranking.level_thresholds`).
         """
         if self._kept is not None:
             if not self._kept:
@@ -139,7 +141,7 @@ class PixelAccumulator:
             scores = np.concatenate([s for s, _, _ in self._kept])
             labels = np.concatenate([lab for _, lab, _ in self._kept])
             return exact_counts(scores, labels)
-        return bin_thresholds(self.bins), self._positive.copy(), self._total - self._positive
+        return level_thresholds(self.bins), self._positive.copy(), self._total - self._positive
 
     def region_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Normal voxels and summed AUPRO region weights per level (the levels of :meth:`counts`)."""
@@ -164,7 +166,7 @@ class PixelAccumulator:
         """How far :meth:`auroc` can be from the exact value (0 while exact)."""
         if self.is_exact:
             return 0.0
-        return auroc_bound_from_counts(self._positive, self._total - self._positive)
+        return auroc_bound_from_counts(self._positive, self._total - self._positive, self._tied())
 
     def average_precision(self) -> float:
         """Pooled pixel AP (scikit-learn's step-wise definition; NaN without positive voxels)."""
@@ -175,7 +177,7 @@ class PixelAccumulator:
         """How far :meth:`average_precision` can be from the exact value (0 while exact)."""
         if self.is_exact:
             return 0.0
-        return average_precision_bound_from_counts(self._positive, self._total - self._positive)
+        return average_precision_bound_from_counts(self._positive, self._total - self._positive, self._tied())
 
     def aupro(self, fpr_limit: float = DEFAULT_FPR_LIMIT) -> float:
         """Pooled AUPRO up to ``fpr_limit``, normalised (NaN without regions or normal voxels)."""
@@ -186,7 +188,14 @@ class PixelAccumulator:
         """How far :meth:`aupro` can be from the exact value (0 while exact)."""
         if self.is_exact:
             return 0.0
-        return aupro_bound_from_counts(self._total - self._positive, self._weight, self.n_regions, fpr_limit)
+        return aupro_bound_from_counts(self._total - self._positive, self._weight, self.n_regions, fpr_limit,
+                                       self._tied())
+
+    def _tied(self) -> np.ndarray:
+        """Histogram levels holding one score value: the exact-0 and exact-1 levels."""
+        tied = np.zeros(self._total.size, dtype=bool)
+        tied[[0, -1]] = True
+        return tied
 
     def f1max(self) -> float:
         """Pooled pixel F1-max (NaN without positive voxels); from the histogram a lower bound on exact."""

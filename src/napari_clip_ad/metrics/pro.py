@@ -93,16 +93,17 @@ def aupro_from_counts(negative: np.ndarray, weight: np.ndarray, n_regions: int,
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     fpr, pro = pro_curve_from_counts(negative, weight, n_regions)
-    return area_up_to(fpr, pro, fpr_limit) / fpr_limit
+    return float(area_up_to(fpr, pro, fpr_limit) / fpr_limit)
 
 
 def aupro_bound_from_counts(negative: np.ndarray, weight: np.ndarray, n_regions: int,
-                            fpr_limit: float = DEFAULT_FPR_LIMIT) -> float:
+                            fpr_limit: float = DEFAULT_FPR_LIMIT, tied: np.ndarray | None = None) -> float:
     """Largest possible ``|binned AUPRO - exact AUPRO|`` whatever the order of scores inside each level.
 
     At a normal voxel of a level the exact PRO lies between the binned one and it plus the level's
     ``w_l / K``; both curves are linear between consecutive normal voxels, so the areas differ by at
     most ``sum_l n_l w_l / (N K)`` over the levels that start below the FPR limit (then / limit).
+    Levels flagged in ``tied`` hold one score value and add nothing.
     """
     if n_regions == 0 or float(np.sum(negative)) == 0:
         return float("nan")
@@ -111,4 +112,6 @@ def aupro_bound_from_counts(negative: np.ndarray, weight: np.ndarray, n_regions:
     n_neg = neg.sum()
     start = (np.cumsum(neg) - neg) / n_neg
     inside = start < fpr_limit
+    if tied is not None:
+        inside &= ~np.asarray(tied, dtype=bool)[::-1]
     return float(np.sum(neg[inside] * w[inside]) / (n_neg * n_regions) / fpr_limit)

@@ -66,6 +66,29 @@ def bin_thresholds(bins: int = DEFAULT_BINS) -> np.ndarray:
     return np.arange(bins, dtype=np.float64) / bins
 
 
+def level_index(scores: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
+    """Histogram level of each checked score: 0 for scores ``<= 0``, ``bins + 1`` for scores ``>= 1``,
+    else ``1 + floor(score * bins)``.
+
+    Exact 0 (background, skipped slices, zeroed outside the brain) and exact 1 (clamped maps) are
+    common and would otherwise share a bin with nearby scores; kept apart, they stay exact ties.
+    """
+    index = bin_index(scores, bins)
+    index += 1
+    index[scores <= 0] = 0
+    index[scores >= 1] = bins + 1
+    return index
+
+
+def level_thresholds(bins: int = DEFAULT_BINS) -> np.ndarray:
+    """The threshold selecting each level of :func:`level_index` and every level above it.
+
+    0 for the zero level, the smallest positive double for the rest of bin 0, ``b / bins`` for bin
+    ``b >= 1`` (scores of 1 excluded), 1 for the level of ones.
+    """
+    return np.concatenate([[0.0, np.nextafter(0.0, 1.0)], np.arange(1, bins, dtype=np.float64) / bins, [1.0]])
+
+
 def exact_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distinct score values (ascending) with the number of positive and negative voxels at each.
 
@@ -96,17 +119,25 @@ def auroc_from_counts(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(np.sum(neg * (tp_above + 0.5 * pos)) / (n_pos * n_neg))
 
 
-def auroc_bound_from_counts(positive: np.ndarray, negative: np.ndarray) -> float:
+def _untied(counts: np.ndarray, tied: np.ndarray | None) -> np.ndarray:
+    """``counts`` as float64 with the levels known to hold one score value (exact ties) set to 0."""
+    counts = np.array(counts, dtype=np.float64)
+    if tied is not None:
+        counts[np.asarray(tied, dtype=bool)] = 0.0
+    return counts
+
+
+def auroc_bound_from_counts(positive: np.ndarray, negative: np.ndarray, tied: np.ndarray | None = None) -> float:
     """Largest possible ``|binned AUROC - exact AUROC|``: half the positive-negative pairs sharing a level.
 
-    A pair in one bin counts 1/2 in the binned AUROC and 0 or 1 in the exact one.
+    A pair in one bin counts 1/2 in the binned AUROC and 0 or 1 in the exact one. Levels flagged in
+    ``tied`` hold a single score value (exact ties, scored alike both ways) and add nothing.
     """
     pos = np.asarray(positive, dtype=np.float64)
-    neg = np.asarray(negative, dtype=np.float64)
-    n_pos, n_neg = pos.sum(), neg.sum()
+    n_pos, n_neg = pos.sum(), float(np.sum(negative))
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    return float(0.5 * np.sum(pos * neg) / (n_pos * n_neg))
+    return float(0.5 * np.sum(pos * _untied(negative, tied)) / (n_pos * n_neg))
 
 
 def average_precision_from_counts(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -130,12 +161,14 @@ def average_precision_from_counts(positive: np.ndarray, negative: np.ndarray) ->
     return float(np.sum(pos[hit] * tp[hit] / predicted[hit]) / n_pos)
 
 
-def average_precision_bound_from_counts(positive: np.ndarray, negative: np.ndarray) -> float:
+def average_precision_bound_from_counts(positive: np.ndarray, negative: np.ndarray,
+                                        tied: np.ndarray | None = None) -> float:
     """Largest possible ``|binned AP - exact AP|`` whatever the order of scores inside each level.
 
     Inside a level with ``p`` positives and ``n`` negatives below ``TP`` positives and ``FP`` negatives,
     every positive's exact precision lies in ``[(TP+1)/(TP+1+FP+n), (TP+p)/(TP+FP+p)]`` and so does the
-    binned one ``(TP+p)/(TP+FP+p+n)``; each positive weighs ``1/P``.
+    binned one ``(TP+p)/(TP+FP+p+n)``; each positive weighs ``1/P``. Levels flagged in ``tied`` hold
+    one score value and add nothing.
     """
     pos = np.asarray(positive, dtype=np.float64)[::-1]
     neg = np.asarray(negative, dtype=np.float64)[::-1]
@@ -148,7 +181,10 @@ def average_precision_bound_from_counts(positive: np.ndarray, negative: np.ndarr
     p, n, tp, fp = pos[hit], neg[hit], tp_above[hit], fp_above[hit]
     high = (tp + p) / (tp + fp + p)
     low = (tp + 1) / (tp + 1 + fp + n)
-    return float(np.sum(p * (high - low)) / n_pos)
+    spread = p * (high - low)
+    if tied is not None:
+        spread[np.asarray(tied, dtype=bool)[::-1][hit]] = 0.0
+    return float(np.sum(spread) / n_pos)
 
 
 def f1_curve(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
