@@ -145,6 +145,7 @@ def test_report_lesionwise_columns_follow_table1(maps, cohort, lesionwise, tmp_p
         rows = list(reader)
     assert reader.fieldnames == ["method", "setup", "dice_mean", "dice_sd", "sensitivity_mean", "sensitivity_sd",
                                  "specificity_mean", "specificity_sd", "ppv_mean", "ppv_sd", "auroc", "f1max",
+                                 "pixel_ap", "aupro", "slice_auroc", "slice_ap",
                                  "lesion_dice_mean", "lesion_dice_sd"]
     _, summary = lesionwise
     assert (rows[0]["method"], rows[0]["setup"]) == ("vand", "blobs")
@@ -158,9 +159,9 @@ def test_report_lesionwise_columns_follow_table1(maps, cohort, lesionwise, tmp_p
     assert float(rows[0]["auroc"]) == pytest.approx(pooled.auroc(), abs=1e-9)
 
 
-def test_report_without_lesionwise_keeps_the_twelve_columns(maps, cohort, tmp_path):
+def test_report_without_lesionwise_keeps_the_twelve_columns_first(maps, cohort, tmp_path):
     assert main(["report", str(maps[0]), "--data", str(cohort), "--out", str(tmp_path)]) == 0
     header = (tmp_path / "table1.csv").read_text().splitlines()[0]
     assert header == ("method,setup,dice_mean,dice_sd,sensitivity_mean,sensitivity_sd,specificity_mean,"
-                      "specificity_sd,ppv_mean,ppv_sd,auroc,f1max")
+                      "specificity_sd,ppv_mean,ppv_sd,auroc,f1max,pixel_ap,aupro,slice_auroc,slice_ap")
     assert "Lesion-wise" not in (tmp_path / "report.md").read_text()

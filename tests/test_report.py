@@ -15,6 +15,10 @@ from napari_clip_ad.cli import main
 from napari_clip_ad.io import find_cases, load_case, save_volume
 from napari_clip_ad.metrics import (
     PixelAccumulator,
+    SliceDetection,
+    brain_slices,
+    map_max_scores,
+    slice_labels,
     distance_profile,
     size_dice_spearman,
     slice_dice,
@@ -22,8 +26,10 @@ from napari_clip_ad.metrics import (
     volume_metrics,
 )
 
-TABLE1 = ["method", "setup", "dice_mean", "dice_sd", "sensitivity_mean", "sensitivity_sd", "specificity_mean",
-          "specificity_sd", "ppv_mean", "ppv_sd", "auroc", "f1max"]
+STUDY_TABLE1 = ["method", "setup", "dice_mean", "dice_sd", "sensitivity_mean", "sensitivity_sd", "specificity_mean",
+                "specificity_sd", "ppv_mean", "ppv_sd", "auroc", "f1max"]
+TABLE1 = [*STUDY_TABLE1, "pixel_ap", "aupro", "slice_auroc", "slice_ap"]
+"""The study's 12 columns first and unchanged, then the literature's metrics."""
 
 
 def shifted_map(tumour: np.ndarray) -> np.ndarray:
@@ -68,21 +74,32 @@ def test_table1_equals_metric_functions_and_evaluate(real_runs, shared_data):
     assert [(r["method"], r["setup"]) for r in rows] == [("vand", "industrial"), ("adaclip", "brats")]
     for row, (method, run_dir) in zip(rows, (("vand", "vand-industrial"), ("adaclip", "adaclip-run"))):
         per_case = [volume_metrics(scores >= 0.5, case.whole_tumour) for case, scores in expected[method]]
-        pooled = PixelAccumulator()
+        pooled, detection = PixelAccumulator(), SliceDetection()
         for case, scores in expected[method]:
             pooled.update(scores, case.whole_tumour)
+            keep = brain_slices(case.brain_mask)  # no _scores.json beside these maps: slices scored by map max
+            detection.update(map_max_scores(scores)[keep], slice_labels(case.whole_tumour)[keep])
         for name in ("dice", "sensitivity", "specificity", "ppv"):
             values = np.array([m[name] for m in per_case])
             assert float(row[f"{name}_mean"]) == pytest.approx(values.mean(), abs=1e-12)
             assert float(row[f"{name}_sd"]) == pytest.approx(values.std(ddof=1), abs=1e-12)
         assert float(row["auroc"]) == pytest.approx(pooled.auroc(), abs=1e-12)
         assert float(row["f1max"]) == pytest.approx(pooled.f1max(), abs=1e-12)
+        assert float(row["pixel_ap"]) == pytest.approx(pooled.average_precision(), abs=1e-12)
+        assert float(row["aupro"]) == pytest.approx(pooled.aupro(), abs=1e-12)
+        slice_auroc, slice_ap = detection.auroc_ap()
+        assert float(row["slice_auroc"]) == pytest.approx(slice_auroc, abs=1e-12)
+        assert float(row["slice_ap"]) == pytest.approx(slice_ap, abs=1e-12)
         assert main(["evaluate", "--maps", str(root / run_dir), "--data", str(shared_data / "brats2023"),
                      "--out", str(root / f"eval-{method}")]) == 0
         summary = json.loads((root / f"eval-{method}" / "summary.json").read_text())
         for column in TABLE1[2:]:
             assert float(row[column]) == summary[column]
+        assert summary["slice_score"] == "map max" and summary["aupro_regions"] == "3d"
+        # Binned (17.9 M voxels): the bounds are reported and small.
+        assert 0 < summary["auroc_bound"] < 1e-3 and 0 < summary["pixel_ap_bound"] < 0.05 and 0 <= summary["aupro_bound"] < 0.05
     assert "± " in (out / "table1.md").read_text()
+    assert "Pixel AP" in (out / "report.md").read_text()
 
 
 def test_figure_data_equal_direct_computation(real_runs):

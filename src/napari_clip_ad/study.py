@@ -16,10 +16,9 @@ from typing import Any
 
 from .atomic import write_json
 from .case_options import CaseOptions, PostOptions
-from .engine.pipeline import run_case
+from .engine.pipeline import run_case, write_case_outputs
 from .errors import InputError, WeightsError
-from .io import case_id_of, find_cases, load_case, load_split, save_split, save_volume, split_cases
-from .metrics import volume_metrics
+from .io import case_id_of, find_cases, load_case, load_split, save_split, split_cases
 
 STUDY_METHODS = ("vand", "anomalyclip", "anovl", "adaclip")
 BASELINE_METHOD, BASELINE_SETUP = "intensity", "baseline"
@@ -185,12 +184,7 @@ def _infer_split(settings: StudySettings, method_obj, modality: str, post: PostO
     for case_id in test_ids:
         case = load_case(by_id[case_id], modalities=options.modalities_to_load)
         result = run_case(case, method_obj, options)
-        save_volume(result.anomaly_map, case, maps_dir / f"{case_id}_anomaly.nii.gz")
-        save_volume(result.mask, case, maps_dir / f"{case_id}_mask.nii.gz")
-        if case.whole_tumour is not None:
-            write_json(maps_dir / f"{case_id}_metrics.json",
-                       {"case_id": case_id, "threshold": settings.threshold,
-                        **volume_metrics(result.mask.astype(bool), case.whole_tumour), **result.info})
+        write_case_outputs(result, case, maps_dir / case_id)
     write_json(maps_dir / "infer.json", {**record, "modality": "+".join(modalities), "axis": "+".join(post.views),
                                          **post.describe(), "threshold": settings.threshold, "cases": list(test_ids)})
 

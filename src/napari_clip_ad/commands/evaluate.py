@@ -17,6 +17,7 @@ from ..atomic import write_json, write_text
 from ..errors import InputError
 from ..report.collect import (
     LESION_COLUMNS,
+    LITERATURE_NAMES,
     METRIC_NAMES,
     ScoringOptions,
     match_maps,
@@ -26,6 +27,8 @@ from ..report.collect import (
 )
 
 CSV_COLUMNS = ("case_id", *METRIC_NAMES, "tumour_voxels", "predicted_voxels", "slice_dice_mean", "n_lesion_slices", "map")
+LITERATURE_COLUMNS = (*LITERATURE_NAMES, "slice_score")
+"""Per-case pixel AP, AUPRO, slice AUROC / AP and the slice score used: after every other column."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="drop 26-connected components smaller than VOXELS from the thresholded mask (default 0: keep all)")
     parser.add_argument("--lesionwise", action="store_true",
                         help="add BraTS-MET 2023 lesion-wise Dice and lesion counts per case, and their mean and sd")
+    parser.add_argument("--slice-score", choices=("image", "max"), default="image",
+                        help="slice detection score: the method's image score (<case_id>_scores.json from infer; "
+                        "map maximum where missing) or always the map maximum per slice (default image)")
     parser.add_argument("--out", required=True, type=Path, metavar="OUT_DIR", help="output folder for per_case.csv and summary.json")
     parser.set_defaults(func=run)
 
@@ -58,16 +64,18 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"{args.out}: exists and is not a folder; give a folder for --out")
     options = ScoringOptions(restrict_to_brain=args.restrict_to_brain, min_component=args.min_component,
-                             lesionwise=args.lesionwise)
+                             lesionwise=args.lesionwise, slice_score=args.slice_score)
     pairs = match_maps(args.maps, args.data)
     scores = score_maps(pairs, threshold_rule, args.region, args.data, options=options)
     summary = summarise(scores)
     columns = (*CSV_COLUMNS[:-1], *LESION_COLUMNS, CSV_COLUMNS[-1]) if args.lesionwise else CSV_COLUMNS
+    columns = (*columns, *LITERATURE_COLUMNS)
     write_text(args.out / "per_case.csv", _csv([case.row() for case in scores.cases], columns))
     write_json(args.out / "summary.json", summary)
     lesion = f", lesion-wise dice {summary['lesion_dice_mean']:.4f}" if args.lesionwise else ""
     print(f"evaluated {len(pairs)} cases: dice {summary['dice_mean']:.4f}{lesion}, AUROC {_fmt(summary['auroc'])}, "
-          f"F1-max {_fmt(summary['f1max'])} -> {args.out}")
+          f"F1-max {_fmt(summary['f1max'])}, pixel AP {_fmt(summary['pixel_ap'])}, AUPRO {_fmt(summary['aupro'])}, "
+          f"slice AUROC {_fmt(summary['slice_auroc'])} ({summary['slice_score']}) -> {args.out}")
     return 0
 
 

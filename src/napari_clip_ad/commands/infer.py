@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 from ..atomic import write_json
-from ..io import case_id_of, find_cases, load_case, save_volume
+from ..io import case_id_of, find_cases, load_case
 
 
 
@@ -35,9 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..distributed import init_distributed, rank_device
-    from ..engine.pipeline import options_from_args, run_case
+    from ..engine.pipeline import options_from_args, run_case, write_case_outputs
     from ..methods import build_method, resolve_device
-    from ..metrics import volume_metrics
 
     options = options_from_args(args)
     all_cases = find_cases(args.path)
@@ -71,13 +70,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             for bar in bars:
                 bar.close()
-        stem = args.out / case_id_of(path)
-        written.append(save_volume(result.anomaly_map, case, f"{stem}_anomaly.nii.gz"))
-        written.append(save_volume(result.mask, case, f"{stem}_mask.nii.gz"))
-        if case.whole_tumour is not None:
-            metrics = volume_metrics(result.mask.astype(bool), case.whole_tumour)
-            write_json(f"{stem}_metrics.json", {"case_id": case.case_id, "threshold": options.threshold, **metrics, **result.info})
-            written.append(Path(f"{stem}_metrics.json"))
+        written += write_case_outputs(result, case, args.out / case_id_of(path))
     ranks.barrier()
     if ranks.main:  # one summary for the whole cohort, written once every rank has finished
         write_json(args.out / "infer.json", {**description, **options.describe(),

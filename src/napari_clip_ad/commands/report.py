@@ -23,6 +23,7 @@ from ..report.tables import (
     TABLE3_COLUMNS,
     ScoredRun,
     fig1_rows,
+    literature_markdown,
     fig2_rows,
     fig3_rows,
     runs_rows,
@@ -52,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="setup for runs whose infer.json has none (default: from folder names <method>-<setup>)")
     parser.add_argument("--lesionwise", action="store_true",
                         help="add lesion_dice_mean, lesion_dice_sd (BraTS-MET 2023 lesion-wise Dice) after Table 1's columns")
+    parser.add_argument("--slice-score", choices=("image", "max"), default="image",
+                        help="slice detection score: the method's image score (<case_id>_scores.json; map maximum "
+                        "where missing) or always the map maximum per slice (default image)")
     parser.set_defaults(func=run)
 
 
@@ -74,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     for info, run_pairs in zip(infos, pairs):
         # A run's --min-component cleaned its masks, not its saved maps: score the masks the run made.
         # (--restrict-to-brain and the 3D options already shaped the saved maps.)
-        options = ScoringOptions(lesionwise=args.lesionwise, min_component=int(info.options.get("min_component") or 0))
+        options = ScoringOptions(lesionwise=args.lesionwise, min_component=int(info.options.get("min_component") or 0),
+                                 slice_score=args.slice_score)
         scores = score_maps(run_pairs, rule, args.region, args.data, what=f"{info.name}: ", options=options)
         scored.append(ScoredRun(info, scores, summarise(scores)))
     scored.sort(key=lambda run: run.info.method != "intensity")  # the model-free baseline's row leads (stable)
@@ -119,6 +124,12 @@ def _markdown(runs: list[ScoredRun], table1: str, table3: str) -> str:
               "Dice, sensitivity, specificity, PPV: per volume, mean ± sd (ddof=1) over cases; AUROC and F1-max pooled "
               "over all voxels of all cases. Data: [table1.csv](table1.csv), [table1.md](table1.md).", "", table1,
               *_lesion_lines(runs),
+              "### Literature metrics", "",
+              "Pooled over all voxels of all cases: pixel AUROC, pixel AP (scikit-learn's step-wise definition), AUPRO "
+              "(MVTec AD definition, 3D 26-connected ground-truth regions, FPR up to 0.3, normalised); slice AUROC / AP: "
+              "axial brain slices, positive when they hold lesion, scored by the method's image score or the map "
+              "maximum (last column). Columns `pixel_ap, aupro, slice_auroc, slice_ap` of table1.csv; definitions in "
+              "docs/metrics.md.", "", literature_markdown(runs),
               "## Fig. 1: 3D Dice by method and setup", "", "![Fig. 1](fig1.png)", "", "Data: [fig1.csv](fig1.csv).", "",
               "## Fig. 2: per-subject 2D Dice", "",
               "Boxes: 2D Dice of the axial slices with lesion in the ground truth or the prediction; red crosses: 3D Dice.",

@@ -79,6 +79,28 @@ def run_case(
     return CaseResult(anomaly_map, mask, info, results, options)
 
 
+def write_case_outputs(result: CaseResult, case: Case, stem: str | Path) -> list[Path]:
+    """Write one case's outputs as ``infer`` and the study do (atomically), and return their paths.
+
+    ``<stem>_anomaly.nii.gz`` (float32 map), ``<stem>_mask.nii.gz`` (uint8), ``<stem>_scores.json`` (per-slice
+    image scores of the axial view, for slice-level detection) and, when the case has a ground truth,
+    ``<stem>_metrics.json`` (per-volume metrics at the options' threshold plus the run's provenance).
+    """
+    from ..atomic import write_json
+    from ..io import save_volume
+    from ..io.slice_scores import write_axial_scores
+    from ..metrics import volume_metrics
+
+    written = [save_volume(result.anomaly_map, case, f"{stem}_anomaly.nii.gz"),
+               save_volume(result.mask, case, f"{stem}_mask.nii.gz")]
+    written += write_axial_scores(stem, case.case_id, result.options.views, result.views)
+    if case.whole_tumour is not None:
+        metrics = volume_metrics(result.mask.astype(bool), case.whole_tumour)
+        write_json(f"{stem}_metrics.json", {"case_id": case.case_id, "threshold": result.options.threshold, **metrics, **result.info})
+        written.append(Path(f"{stem}_metrics.json"))
+    return written
+
+
 def case_from_arrays(
     images: dict[str, np.ndarray],
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
@@ -138,4 +160,4 @@ def case_from_arrays(
 
 
 __all__ = ["OPTION_SPECS", "CaseOptions", "CaseResult", "OptionSpec", "add_case_arguments", "case_from_arrays",
-           "options_from_args", "run_case"]
+           "options_from_args", "run_case", "write_case_outputs"]

@@ -19,13 +19,19 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from ..io import Case, Geometry, case_id_of, find_cases, load_case, read_nifti
+from ..io.slice_scores import SCORES_SUFFIX, read_axial_scores
 from ..metrics import (
+    SLICE_SCORE_SOURCES,
     PixelAccumulator,
+    SliceDetection,
     SliceDice,
+    brain_slices,
     check_scores,
+    map_max_scores,
     distance_profile,
     size_dice_spearman,
     slice_dice,
+    slice_labels,
     slice_positions,
     volume_metrics,
 )
@@ -39,6 +45,10 @@ METRIC_NAMES = ("dice", "sensitivity", "specificity", "ppv")
 DISTANCE_BINS = 10
 LESION_COLUMNS = ("lesion_dice", "lesion_tp", "lesion_fn", "lesion_fp")
 """Extra ``per_case.csv`` columns with ``--lesionwise``."""
+LITERATURE_NAMES = ("pixel_ap", "aupro", "slice_auroc", "slice_ap")
+"""Threshold-free metrics of the anomaly-detection literature, per case and pooled (after the study's)."""
+AUPRO_REGIONS = "3d"
+"""Volumes are scored with 3D (26-connected) ground-truth regions for AUPRO."""
 
 
 @dataclass(frozen=True)
@@ -49,15 +59,20 @@ class ScoringOptions:
         restrict_to_brain: Zero every map outside its case's brain mask before anything is scored.
         min_component: Drop 26-connected components under this many voxels from the thresholded mask.
         lesionwise: Also score BraTS-MET 2023 lesion-wise Dice (:func:`~napari_clip_ad.report.lesion_wise_dice`).
+        slice_score: Slice detection score: ``'image'`` the method's image score from ``<case_id>_scores.json``
+            (the map maximum where that file is missing), ``'max'`` always the map maximum.
     """
 
     restrict_to_brain: bool = False
     min_component: int = 0
     lesionwise: bool = False
+    slice_score: str = "image"
 
     def __post_init__(self) -> None:
         if self.min_component < 0:
             raise InputError(f"--min-component {self.min_component}: give a size in voxels >= 0 (0 = keep all)")
+        if self.slice_score not in SLICE_SCORE_SOURCES:
+            raise InputError(f"--slice-score {self.slice_score!r}: use one of {', '.join(SLICE_SCORE_SOURCES)}")
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,8 @@ class LoadedPair:
     brain: np.ndarray
     region: np.ndarray | None
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    image_scores: np.ndarray | None = None
+    """The method's image score per axial slice (``<case_id>_scores.json``), when the run wrote them."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,8 @@ class CaseScore:
         slices: 2D Dice of the slices with lesion in the ground truth or the prediction.
         positions: Normalised distance from the brain centre of each of those slices.
         lesion: Lesion-wise Dice, when asked for.
+        literature: The case's :data:`LITERATURE_NAMES` (pixel AP and AUPRO of its voxels, slice AUROC/AP).
+        slice_source: ``'image score'`` or ``'map max'``: what scored its slices.
     """
 
     case_id: str
@@ -99,6 +118,8 @@ class CaseScore:
     slices: SliceDice
     positions: np.ndarray
     lesion: LesionWiseResult | None = None
+    literature: dict[str, float] = field(default_factory=dict)
+    slice_source: str = "map max"
 
     @property
     def lesion_mask(self) -> np.ndarray:
@@ -114,6 +135,7 @@ class CaseScore:
         if self.lesion is not None:
             row.update(lesion_dice=self.lesion.dice, lesion_tp=self.lesion.n_tp, lesion_fn=self.lesion.n_fn,
                        lesion_fp=self.lesion.n_fp)
+        row.update(self.literature, slice_score=self.slice_source)
         return row
 
 
@@ -127,6 +149,7 @@ class RunScores:
     threshold_rule: str = "fixed"
     region: str = "all"
     options: ScoringOptions = field(default_factory=ScoringOptions)
+    slices_detected: SliceDetection = field(default_factory=SliceDetection)
 
 
 def parse_threshold(text: str) -> str | float:
@@ -194,16 +217,39 @@ def load_pair(pair: MapPair, region: str, restrict: bool = False) -> LoadedPair:
     brain = case.brain_mask
     if restrict:
         scores = restrict_to_brain(scores, brain)
-    return LoadedPair(scores, case.whole_tumour, brain, brain if region == "brain" else None, case.spacing)
+    image_scores = read_axial_scores(pair.map_path.parent / f"{pair.case_id}{SCORES_SUFFIX}", scores.shape[0])
+    return LoadedPair(scores, case.whole_tumour, brain, brain if region == "brain" else None, case.spacing,
+                      image_scores)
 
 
-def score_case(pair: MapPair, loaded: LoadedPair, threshold: float, options: ScoringOptions | None = None) -> CaseScore:
+def detect_slices(loaded: LoadedPair, slice_score: str = "image") -> tuple[SliceDetection, str]:
+    """Slice-level detection data of one case: its brain slices' scores and labels, and the score used."""
+    keep = brain_slices(loaded.brain)
+    if slice_score == "image" and loaded.image_scores is not None:
+        scores, source = loaded.image_scores, "image score"
+    else:
+        scores, source = map_max_scores(loaded.scores, loaded.region), "map max"
+    detection = SliceDetection()
+    detection.update(scores[keep], slice_labels(loaded.tumour, loaded.region)[keep])
+    return detection, source
+
+
+def score_case(pair: MapPair, loaded: LoadedPair, threshold: float, options: ScoringOptions | None = None,
+               pixels: PixelAccumulator | None = None, detection: tuple[SliceDetection, str] | None = None) -> CaseScore:
     """Volume metrics and slice Dice of one case at ``threshold`` (voxels ``>=`` it are tumour).
 
     ``options.min_component`` cleans the thresholded mask; ``options.lesionwise`` adds lesion-wise
-    Dice (on the mask and tumour inside the region, when one is given).
+    Dice (on the mask and tumour inside the region, when one is given). ``pixels`` (the case's
+    voxels pooled) and ``detection`` (:func:`detect_slices`) are computed when not given.
     """
     options = options or ScoringOptions()
+    if pixels is None:
+        pixels = PixelAccumulator()
+        pixels.update(loaded.scores, loaded.tumour, loaded.region, source=str(pair.map_path), regions=AUPRO_REGIONS)
+    slices_detected, slice_source = detection or detect_slices(loaded, options.slice_score)
+    slice_auroc, slice_ap = slices_detected.auroc_ap()
+    literature = {"pixel_ap": pixels.average_precision(), "aupro": pixels.aupro(),
+                  "slice_auroc": slice_auroc, "slice_ap": slice_ap}
     predicted = loaded.scores >= threshold
     if options.min_component > 0:
         predicted = remove_small_components(predicted, min_voxels=options.min_component)
@@ -216,7 +262,7 @@ def score_case(pair: MapPair, loaded: LoadedPair, threshold: float, options: Sco
             pred, gt = pred & loaded.region, gt & loaded.region
         lesion = lesion_wise_dice(pred, gt, spacing=loaded.spacing)
     return CaseScore(pair.case_id, pair.map_path.name, volume_metrics(predicted, loaded.tumour, loaded.region),
-                     slices, positions, lesion)
+                     slices, positions, lesion, literature, slice_source)
 
 
 def score_maps(pairs: list[MapPair], threshold_rule: str | float, region: str, data_dir: Path,
@@ -234,7 +280,8 @@ def score_maps(pairs: list[MapPair], threshold_rule: str | float, region: str, d
     if threshold_rule == "f1max":
         for pair in _progress(pairs, f"{what}pooling (F1-max threshold)"):
             loaded = load_pair(pair, region, options.restrict_to_brain)
-            run.pooled.update(loaded.scores, loaded.tumour, loaded.region, source=str(pair.map_path))
+            run.pooled.update(loaded.scores, loaded.tumour, loaded.region, source=str(pair.map_path),
+                              regions=AUPRO_REGIONS)
         run.threshold = run.pooled.f1max_threshold()
         if math.isnan(run.threshold):
             raise InputError(f"{data_dir}: no tumour voxel in any segmentation; "
@@ -243,9 +290,13 @@ def score_maps(pairs: list[MapPair], threshold_rule: str | float, region: str, d
         run.threshold = float(threshold_rule)
     for pair in _progress(pairs, f"{what}evaluating"):
         loaded = load_pair(pair, region, options.restrict_to_brain)
+        pixels = PixelAccumulator(run.pooled.bins, run.pooled.exact_limit)
+        pixels.update(loaded.scores, loaded.tumour, loaded.region, source=str(pair.map_path), regions=AUPRO_REGIONS)
         if threshold_rule != "f1max":
-            run.pooled.update(loaded.scores, loaded.tumour, loaded.region, source=str(pair.map_path))
-        run.cases.append(score_case(pair, loaded, run.threshold, options))
+            run.pooled.merge(pixels)
+        detection = detect_slices(loaded, options.slice_score)
+        run.slices_detected.merge(detection[0])
+        run.cases.append(score_case(pair, loaded, run.threshold, options, pixels, detection))
     return run
 
 
@@ -273,6 +324,7 @@ def summarise(run: RunScores) -> dict[str, Any]:
         restrict_to_brain=run.options.restrict_to_brain, min_component=run.options.min_component,
         lesionwise=run.options.lesionwise,
     )
+    summary.update(literature_summary(run))
     if run.options.lesionwise:
         values = np.array([case.lesion.dice for case in run.cases], dtype=np.float64)
         summary["lesion_dice_mean"] = float(values.mean())
@@ -289,6 +341,29 @@ def summarise(run: RunScores) -> dict[str, Any]:
     summary["distance_profile"] = {"edges": np.round(profile.edges, 12).tolist(), "mean_dice": profile.mean_dice.tolist(),
                                    "n_lesion_slices": profile.n_slices.tolist()}
     return nan_to_none(summary)
+
+
+def literature_summary(run: RunScores) -> dict[str, Any]:
+    """Pooled pixel AP, AUPRO (3D regions), Dice at the F1-max threshold and slice-level AUROC / AP of a run.
+
+    ``slice_score`` says what scored the slices: ``'image score'`` (every case had ``_scores.json``),
+    ``'map max'`` (none had, or ``--slice-score max``), or ``'mixed'``; ``slice_score_cases`` counts each.
+    """
+    pooled, detected = run.pooled, run.slices_detected
+    slice_auroc, slice_ap = detected.auroc_ap()
+    sources = [case.slice_source for case in run.cases]
+    counts = {name: sources.count(name) for name in ("image score", "map max")}
+    used = [name for name, n in counts.items() if n]
+    return {
+        "pixel_ap": pooled.average_precision(), "aupro": pooled.aupro(), "slice_auroc": slice_auroc, "slice_ap": slice_ap,
+        # Dice of all pooled voxels at the pooled F1-max threshold is F1 there: equal to f1max by definition.
+        "dice_f1max": pooled.f1max(),
+        "auroc_bound": pooled.auroc_bound(), "pixel_ap_bound": pooled.average_precision_bound(),
+        "aupro_bound": pooled.aupro_bound(), "aupro_regions": AUPRO_REGIONS, "aupro_fpr_limit": 0.3,
+        "n_regions": pooled.n_regions,
+        "slice_score": used[0] if len(used) == 1 else ("mixed" if used else None), "slice_score_cases": counts,
+        "slices_scored": detected.n_slices, "slices_with_lesion": detected.n_positive,
+    }
 
 
 def nan_to_none(value: Any) -> Any:

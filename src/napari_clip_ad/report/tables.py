@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..metrics import distance_profile, size_dice_spearman
-from .collect import DISTANCE_BINS, METRIC_NAMES, RUN_OPTION_KEYS, RunInfo, RunScores, lesion_slices
+from .collect import DISTANCE_BINS, LITERATURE_NAMES, METRIC_NAMES, RUN_OPTION_KEYS, RunInfo, RunScores, lesion_slices
 
-TABLE1_COLUMNS = ("method", "setup", "dice_mean", "dice_sd", "sensitivity_mean", "sensitivity_sd",
-                  "specificity_mean", "specificity_sd", "ppv_mean", "ppv_sd", "auroc", "f1max")
+STUDY_TABLE1_COLUMNS = ("method", "setup", "dice_mean", "dice_sd", "sensitivity_mean", "sensitivity_sd",
+                        "specificity_mean", "specificity_sd", "ppv_mean", "ppv_sd", "auroc", "f1max")
+"""The study's Table 1 columns: always first, unchanged."""
+TABLE1_COLUMNS = (*STUDY_TABLE1_COLUMNS, *LITERATURE_NAMES)
+"""The study's 12 columns, then pooled pixel AP, AUPRO and slice-level AUROC / AP."""
 TABLE1_LESION_COLUMNS = (*TABLE1_COLUMNS, "lesion_dice_mean", "lesion_dice_sd")
-"""Table 1 with ``report --lesionwise``: the study's 12 columns first, then lesion-wise Dice."""
+"""Table 1 with ``report --lesionwise``: the columns above, then lesion-wise Dice."""
 TABLE3_COLUMNS = ("method", "setup", "slice_rho", "slice_p", "n_slices", "case_rho", "case_p", "n_cases")
 FIG1_COLUMNS = ("method", "setup", "case_id", "dice")
 FIG2_COLUMNS = ("method", "setup", "case_id", "slice", "slice_dice", "lesion_voxels", "dice_3d")
@@ -49,6 +52,7 @@ def table1_rows(runs: Sequence[ScoredRun]) -> list[dict[str, Any]]:
             row[f"{name}_mean"] = run.summary[f"{name}_mean"]
             row[f"{name}_sd"] = run.summary[f"{name}_sd"]
         row.update(auroc=run.summary["auroc"], f1max=run.summary["f1max"])
+        row.update({name: run.summary[name] for name in LITERATURE_NAMES})
         if "lesion_dice_mean" in run.summary:
             row.update(lesion_dice_mean=run.summary["lesion_dice_mean"], lesion_dice_sd=run.summary["lesion_dice_sd"])
         rows.append(row)
@@ -131,6 +135,17 @@ def table1_markdown(rows: Sequence[dict[str, Any]], digits: int = 2) -> str:
         cells = [f"{_num(row[f'{n}_mean'], digits)} ± {_num(row[f'{n}_sd'], digits)}" for n in METRIC_NAMES]
         lines.append(f"| {row['method']} | {row['setup']} | " + " | ".join(cells)
                      + f" | {_num(row['auroc'], digits)} | {_num(row['f1max'], digits)} |")
+    return "\n".join(lines) + "\n"
+
+
+def literature_markdown(runs: Sequence[ScoredRun], digits: int = 2) -> str:
+    """The literature's metrics per run as Markdown: pixel AUROC / AP, AUPRO, slice-level AUROC / AP."""
+    lines = ["| Model | Training Setup | Pixel AUROC | Pixel AP | AUPRO (3D regions) | Slice AUROC | Slice AP | slice score |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        s = run.summary
+        lines.append(f"| {run.info.method} | {run.info.setup} | " + " | ".join(
+            _num(s[k], digits) for k in ("auroc", "pixel_ap", "aupro", "slice_auroc", "slice_ap")) + f" | {s['slice_score']} |")
     return "\n".join(lines) + "\n"
 
 
