@@ -327,6 +327,8 @@ def find_cases(root: str | Path, max_depth: int = 3) -> list[Path]:
         for folder in frontier:
             real = folder.resolve()
             if real in seen:
+                if real in found and folder.name == real.name != found[real].name:
+                    found[real] = folder  # the folder's own name is its case id, rather than an alias's
                 continue
             seen.add(real)
             stacked = _stacked_files(folder)

@@ -218,7 +218,7 @@ def inspect_header(blob: bytes, image_class: type[nib.Nifti1Image], path: Path) 
     _affine(header, path)
     slope, inter = (float(header["scl_slope"]), float(header["scl_inter"]))
     scaled = math.isfinite(slope) and slope != 0 and (slope != 1 or (math.isfinite(inter) and inter != 0))
-    declared = DeclaredImage(image_class, shape, dtype, max(int(header["vox_offset"]), header.sizeof_hdr), scaled)
+    declared = DeclaredImage(image_class, shape, dtype, max(int(header["vox_offset"]), header.sizeof_hdr + 4), scaled)
     limit = max_volume_bytes()
     what = f"{'x'.join(map(str, shape))} voxels of {dtype.name}"
     if declared.file_bytes > limit:

@@ -196,7 +196,8 @@ def load_pair(pair: MapPair, region: str, restrict: bool = False) -> LoadedPair:
     scores = np.ascontiguousarray(case.geometry.to_canonical(np.asarray(data, dtype=np.float32)))
     check_scores(scores, str(pair.map_path))
     if not case.brain_mask.any():
-        raise InputError(f"{pair.case_path}: brain mask of case {pair.case_id} is empty (all-zero image); check the case files")
+        raise InputError(f"{pair.case_path}: case {pair.case_id}: brain mask is empty (all-zero image or mask), so nothing "
+                         "can be scored; check the case files or the mask")
     brain = case.brain_mask
     if restrict:
         scores = restrict_to_brain(scores, brain)
