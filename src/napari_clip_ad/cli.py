@@ -43,12 +43,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.func(args)
     except ClipAdError as exc:
+        _end_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("error: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars still shown, so that an error starts on its own line.
+
+    A bar leaves its line unfinished while it runs; closed, a transient bar clears its line and a kept
+    one ends it. On a stream that is not a terminal the cleared line is still there: end it.
+    """
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    bars = [bar for bar in list(getattr(tqdm, "_instances", ())) if not bar.disable]
+    for bar in sorted(bars, key=lambda bar: -abs(getattr(bar, "pos", 0))):  # inner bars first
+        bar.close()
+    if bars and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        sys.stderr.write("\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from ..report.collect import (
     LITERATURE_NAMES,
     METRIC_NAMES,
     ScoringOptions,
-    match_maps,
+    match_cohort,
     parse_threshold,
     score_maps,
     summarise,
@@ -65,9 +66,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.out}: exists and is not a folder; give a folder for --out")
     options = ScoringOptions(restrict_to_brain=args.restrict_to_brain, min_component=args.min_component,
                              lesionwise=args.lesionwise, slice_score=args.slice_score)
-    pairs = match_maps(args.maps, args.data)
+    pairs, missing = match_cohort(args.maps, args.data)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        print(f"warning: {len(missing)} of {len(pairs) + len(missing)} cases in {args.data} have no map in {args.maps} "
+              f"and are not scored: {shown}", file=sys.stderr)
     scores = score_maps(pairs, threshold_rule, args.region, args.data, options=options)
-    summary = summarise(scores)
+    summary = {**summarise(scores), "n_cases_missing_map": len(missing), "missing_maps": missing}
     columns = (*CSV_COLUMNS[:-1], *LESION_COLUMNS, CSV_COLUMNS[-1]) if args.lesionwise else CSV_COLUMNS
     columns = (*columns, *LITERATURE_COLUMNS)
     write_text(args.out / "per_case.csv", _csv([case.row() for case in scores.cases], columns))

@@ -49,13 +49,13 @@ def run(args: argparse.Namespace) -> int:
     if method.backbone.random_weights:
         print(f"note: backbone {method.backbone.label}: results come from random weights and mean nothing", file=sys.stderr)
     written: list[Path] = []
-    for path in tqdm(cases, desc="cases", unit="case", file=sys.stderr, disable=len(cases) < 2):
+    for path in tqdm(cases, desc="cases", unit="case", file=sys.stderr, disable=True if len(cases) < 2 else None):
         case = load_case(path, modalities=options.modalities_to_load)
         bars: list[tqdm] = []
 
         def progress_for(view: str, case_id: str = case.case_id, bars: list = bars):
             label = case_id if len(options.views) == 1 else f"{case_id} {view}"
-            bar = tqdm(total=0, desc=label, unit="slice", file=sys.stderr, leave=False)
+            bar = tqdm(total=0, desc=label, unit="slice", file=sys.stderr, leave=False, disable=None)
             bars.append(bar)
 
             def progress(done: int, total: int) -> None:

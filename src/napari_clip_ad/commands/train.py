@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if config.setup == "industrial" or config.epochs == 0:
         write_json(args.out / "config.json", config.to_dict())
-        print(f"setup {config.setup!r}: released weights {config.weights!r} are used as published; nothing to train "
+        what = f"released weights {config.weights!r} are used as published" if config.weights else f"{config.method} runs 0 epochs (training-free, or --epochs 0)"
+        print(f"setup {config.setup!r}: {what}; nothing to train "
               f"(resolved config written to {args.out / 'config.json'})", file=sys.stderr)
         return 0
     history = run_training(config, args.data, args.out, args.split, resume=args.resume)

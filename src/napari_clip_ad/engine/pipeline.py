@@ -22,6 +22,7 @@ from ..case_options import OPTION_SPECS, CaseOptions, OptionSpec, add_case_argum
 from ..errors import InputError
 from ..io import MODALITIES, Case
 from ..io.nifti import Geometry
+from ..io.voxels import intensity_float32, mask_array
 from ..methods import AnomalyMethod
 from .run import ProgressCallback, VolumeResult
 from .views import run_views, threshold_mask
@@ -134,16 +135,13 @@ def case_from_arrays(
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise InputError(f"voxel spacing must be three positive finite mm values (z, y, x), got {spacing}")
-    for name, array in arrays.items():
-        if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-            raise InputError(f"{name} volume has dtype {array.dtype}; give real numbers")
-    floats = {m: np.asarray(a, dtype=np.float32) for m, a in arrays.items()}
+    floats = {m: intensity_float32(a, f"{m} volume") for m, a in arrays.items()}  # real, finite after the cast
     if brain_mask is None:
         brain = np.zeros(shape, dtype=bool)
         for array in floats.values():
             brain |= array != 0
     else:
-        brain = np.asarray(brain_mask).astype(bool)
+        brain = mask_array(brain_mask, "brain mask")
         if brain.shape != shape:
             raise InputError(f"brain mask shape {brain.shape} differs from the volume shape {shape}")
     if seg is not None and np.asarray(seg).shape != shape:

@@ -26,11 +26,14 @@ def axis_index(axis: str | int) -> int:
 def scale_slices(slices: torch.Tensor) -> torch.Tensor:
     """Min-max scale each (H, W) slice of a (N, C, H, W) tensor to [0, 1] on its own (per channel).
 
-    A constant slice becomes all zeros.
+    A constant slice becomes all zeros. Where the span max - min overflows float32 (finite values near
+    +-3.4e38), that batch is scaled in float64 and the [0, 1] result cast back, so no slice turns NaN.
     """
     flat = slices.flatten(2)
     low = flat.amin(dim=2, keepdim=True)
     span = flat.amax(dim=2, keepdim=True) - low
+    if flat.dtype != torch.float64 and bool(torch.isinf(span).any()):
+        return scale_slices(slices.double()).to(slices.dtype)
     scaled = (flat - low) / torch.where(span > 0, span, torch.ones_like(span))
     return scaled.view_as(slices)
 

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from ..case_options import parse_modality
 from ..errors import Cancelled, InputError
 from ..io import Case
+from ..io.voxels import intensity_float32, mask_array
 from ..methods import AnomalyMethod, smooth_maps
+from ..methods.postprocess import check_sigma
 from .preprocess import axis_index, preprocess_slices, slices_along
 
 ProgressCallback = Callable[[int, int], None]
@@ -42,17 +44,21 @@ def _volume_and_brain(source: Case | np.ndarray, modalities: list[str], brain_ma
     if isinstance(source, Case):
         channels = [source.image(m) for m in modalities]
         brain = source.brain_mask if brain_mask is None else brain_mask
+        where = f"{source.path}: case {source.case_id}"
     else:
-        array = np.asarray(source)
-        if array.ndim != 3:
-            raise InputError(f"volume must be 3D [z, y, x], got shape {array.shape}")
-        if not np.all(np.isfinite(array)):
-            raise InputError("volume has NaN/inf voxels; fix or mask them first")
-        channels = [array] * (1 if len(modalities) == 1 else 3)
+        array, where = np.asarray(source), "volume"
+        if array.ndim != 3 or array.size == 0:
+            raise InputError(f"volume must be a non-empty 3D [z, y, x] array, got shape {array.shape}")
+        # Finite after the cast the engine uses (float64 1e300 is inf in float32).
+        channels = [intensity_float32(array, "volume")] * (1 if len(modalities) == 1 else 3)
         brain = array != 0 if brain_mask is None else brain_mask
+    brain = mask_array(brain, "brain mask")
     volume = channels[0] if len(channels) == 1 else np.stack(channels, axis=0)
     if brain.shape != channels[0].shape:
         raise InputError(f"brain mask shape {brain.shape} differs from the volume shape {channels[0].shape}")
+    if not brain.any():  # the rule evaluate applies too: an empty brain is an error, never an all-zero map
+        raise InputError(f"{where}: brain mask is empty (all-zero image or mask), so no slice can be analysed; "
+                         "check the case files or the mask")
     return volume, brain
 
 
@@ -119,6 +125,7 @@ def run_volume(
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     sigma = method.default_sigma if sigma is None else float(sigma)
+    check_sigma(sigma)
     # (N, H, W) for one modality, (N, 3, H, W) for three; axis 0 (axial) stays a view without copy.
     stack = np.moveaxis(volume, ax + 1, 0) if volume.ndim == 4 else slices_along(volume, ax)
     brain_slices = slices_along(brain, ax)

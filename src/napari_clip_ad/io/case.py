@@ -11,6 +11,7 @@ import numpy as np
 from ..errors import InputError
 from .layouts import LAYOUTS, MODALITIES, NIFTI_EXTENSIONS, Layout, expected_names
 from .nifti import Geometry, check_finite, labels_from, read_nifti, save_nifti, strip_nifti_ext
+from .voxels import intensity_float32
 
 
 @dataclass
@@ -63,8 +64,26 @@ class Case:
 
 
 def _visible_files(folder: Path, pattern: str) -> list[Path]:
-    """Files matching a glob, skipping hidden ones (``._x.nii.gz`` AppleDouble files from macOS archives)."""
-    return [p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith(".")]
+    """Files matching a glob, skipping hidden ones (``._x.nii.gz`` AppleDouble files from macOS archives).
+
+    Broken symbolic links are kept, so that reading one says so instead of "missing modality".
+    """
+    return [p for p in folder.glob(pattern) if (p.is_file() or _broken_link(p)) and not p.name.startswith(".")]
+
+
+def _broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
+class _NotACase(InputError):
+    """Raised by :func:`_resolve` for a folder that holds no case (as opposed to a case that is broken).
+
+    ``reason`` is the loader's precise word when there is one (a folder with only a segmentation).
+    """
+
+    def __init__(self, message: str, reason: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _match(folder: Path, patterns: tuple[str, ...], case_id: str) -> Path | None:
@@ -103,8 +122,9 @@ def _resolve(path: Path) -> _Found:
     if best is None or _n_modalities(best) == 0:
         seg = next((found.files["seg"] for found in candidates if "seg" in found.files), None)
         if seg is not None:
-            raise InputError(f"{path}: only a segmentation ({seg.name}) and no image; a case needs at least one modality file")
-        raise InputError(f"{path}: no recognisable modality file; expected one of: {expected_names()}")
+            raise _NotACase(f"{path}: only a segmentation ({seg.name}) and no image; a case needs at least one modality file",
+                            reason=True)
+        raise _NotACase(f"{path}: no recognisable modality file; expected one of: {expected_names()}")
     return best
 
 
@@ -188,11 +208,9 @@ def load_case(path: str | Path, modalities: tuple[str, ...] | list[str] | None =
 
 
 def _canonical_float32(data: np.ndarray, geometry: Geometry, path: Path) -> np.ndarray:
-    """Source-layout volume -> contiguous canonical float32 in one pass (no intermediate copy)."""
-    check_finite(data, path)
+    """Source-layout volume -> contiguous canonical float32 in one pass, finite after the cast."""
     out = np.empty(geometry.shape, dtype=np.float32)
-    np.copyto(out, geometry.to_canonical(data), casting="unsafe")
-    return out
+    return intensity_float32(geometry.to_canonical(data), path, out=out)
 
 
 def _check_grid(part_path: Path, here: Geometry, geometry: Geometry, what: str) -> None:
@@ -263,13 +281,6 @@ def case_id_of(path: str | Path) -> str:
     return strip_nifti_ext(path.name) if path.is_file() else path.name
 
 
-def _is_case_folder(folder: Path) -> bool:
-    try:
-        return _n_modalities(_resolve(folder)) > 0
-    except InputError:
-        return False
-
-
 def _stacked_files(folder: Path) -> list[Path]:
     """Decathlon-style 4D case files of a task folder (``imagesTr/*.nii.gz``), if it is one."""
     return [
@@ -281,32 +292,75 @@ def _stacked_files(folder: Path) -> list[Path]:
     ]
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot list the folder ({exc.strerror or type(exc).__name__}); check its permissions") from None
+
+
 def find_cases(root: str | Path, max_depth: int = 3) -> list[Path]:
     """Case folders (and Decathlon 4D files) under ``root``, sorted by case id.
+
+    A folder whose files match a layout but cannot be resolved (one modality matched by two files, a
+    broken link) is returned as a case, so that loading it gives the precise reason. Folders and files
+    reached twice (symbolic links, loops) are listed once, by their first path; two different cases
+    with one id are refused (their outputs would overwrite each other).
 
     Args:
         root: A case folder, a cohort folder, or a Decathlon task folder.
         max_depth: How many folder levels to search below ``root``.
 
     Raises:
-        InputError: ``root`` is missing or holds no case.
+        InputError: ``root`` is missing or holds no case (with the loader's reason when a folder came
+            close, e.g. only a segmentation), or two cases share an id.
     """
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: no such folder")
-    found: list[Path] = []
+    found: dict[Path, Path] = {}  # resolved path -> path as first reached
+    seen: set[Path] = set()
+    reasons: list[InputError] = []
     frontier = [root]
     for _ in range(max_depth + 1):
         next_frontier = []
         for folder in frontier:
+            real = folder.resolve()
+            if real in seen:
+                if real in found and folder.name == real.name != found[real].name:
+                    found[real] = folder  # the folder's own name is its case id, rather than an alias's
+                continue
+            seen.add(real)
             stacked = _stacked_files(folder)
             if stacked:
-                found.extend(stacked)
-            elif _is_case_folder(folder):
-                found.append(folder)
-            else:
-                next_frontier.extend(sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
+                for path in stacked:
+                    found.setdefault(path.resolve(), path)
+                continue
+            subfolders = _subfolders(folder)
+            try:
+                _resolve(folder)
+                found.setdefault(real, folder)
+                continue
+            except _NotACase as exc:
+                if exc.reason:
+                    reasons.append(exc)
+            except InputError as exc:  # files of a case, but broken: loading it says why
+                if not subfolders:
+                    found.setdefault(real, folder)
+                    continue
+                reasons.append(exc)
+            next_frontier.extend(subfolders)
         frontier = next_frontier
     if not found:
+        if len(reasons) == 1 and str(reasons[0]).startswith(f"{root}:"):
+            raise InputError(str(reasons[0]))
+        if reasons:
+            more = f" ({len(reasons) - 1} more folders alike)" if len(reasons) > 1 else ""
+            raise InputError(f"{root}: no case found; {reasons[0]}{more}")
         raise InputError(f"{root}: no case found; expected case folders in one of: {expected_names()}")
-    return sorted(set(found), key=lambda p: case_id_of(p))
+    cases = sorted(found.values(), key=lambda p: (case_id_of(p), str(p)))
+    for first, second in zip(cases, cases[1:]):
+        if case_id_of(first) == case_id_of(second):
+            raise InputError(f"{second}: case id {case_id_of(second)!r} also names {first}; "
+                             "rename or remove one (their outputs would overwrite each other)")
+    return cases

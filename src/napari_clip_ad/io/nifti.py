@@ -10,8 +10,7 @@ right to left (radiological view: the patient's right on the left of the screen)
 
 from __future__ import annotations
 
-import gzip
-import io
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -20,11 +19,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.imageglobals import LoggingOutputSuppressor
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from nibabel.spatialimages import HeaderDataError
 
 from ..atomic import atomic_path
 from ..errors import InputError
+from .header import DeclaredImage, check_affine, inspect_header
 
 CANONICAL_AXCODES: tuple[str, str, str] = ("S", "P", "L")
 
@@ -51,6 +52,7 @@ class Geometry:
     def from_image(cls, img: nib.Nifti1Image) -> Geometry:
         """Geometry of a 3D (or the first three axes of a 4D) NIfTI image."""
         affine = np.asarray(img.affine, dtype=np.float64)
+        check_affine(affine, img.get_filename() or "image")  # read_nifti checked files already; arrays built in memory
         transform = ornt_transform(io_orientation(affine), axcodes2ornt(CANONICAL_AXCODES))
         zooms = [float(z) for z in img.header.get_zooms()[:3]]
         spacing = [0.0, 0.0, 0.0]
@@ -101,6 +103,8 @@ def strip_nifti_ext(name: str) -> str:
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_MAX_HEADER_BYTES = 540  # a NIfTI-2 header; NIfTI-1 needs 348
+_TRAILING_SLACK = 1 << 16  # bytes tolerated past the declared end of the voxels (padding)
 _HEADER_SIZES: dict[int, type[nib.Nifti1Image]] = {348: nib.Nifti1Image, 540: nib.Nifti2Image}
 
 
@@ -120,53 +124,89 @@ def _image_class(blob: bytes) -> type[nib.Nifti1Image] | None:
     return None
 
 
-def _file_bytes(path: Path) -> bytes:
-    """The uncompressed NIfTI bytes of a file, checking the whole gzip stream (CRC and length).
+def _read_validated(path: Path) -> tuple[bytes, DeclaredImage]:
+    """The uncompressed bytes of a NIfTI file, read only once its header passed :func:`inspect_header`.
 
-    nibabel alone stops reading where the voxels end and never checks the gzip CRC, so a corrupt
-    stream can load as silent garbage. One zlib call into a buffer sized from the gzip trailer
-    checks it and is faster than nibabel's streaming read.
+    A ``.nii.gz`` is inflated only after its header (the first bytes of the stream) has been checked, and
+    never beyond the size the header declares, so a small file claiming gigabytes is refused before any
+    large allocation. The whole gzip stream is checked (CRC and length): nibabel alone stops reading where
+    the voxels end and never checks the CRC, so a corrupt stream could load as silent garbage.
     """
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as handle:
+            head = handle.read(_MAX_HEADER_BYTES)
+            if not head:
+                raise InputError(f"{path}: empty file; re-download or re-export it")
+            if head[:2] == _GZIP_MAGIC:
+                return _gunzip_validated(head + handle.read(), path)
+            image_class = _image_class(head)
+            if image_class is None:
+                if path.name.endswith(".gz"):
+                    raise InputError(f"{path}: not gzip-compressed data, so not a .nii.gz volume; give a NIfTI file")
+                raise InputError(f"{path}: not a NIfTI file (no NIfTI header); give a .nii.gz or .nii volume")
+            declared = inspect_header(head, image_class, path)  # uncompressed NIfTI (possibly misnamed .nii.gz)
+            size = os.fstat(handle.fileno()).st_size
+            if size < declared.file_bytes:
+                raise InputError(f"{path}: truncated: the header declares {declared.file_bytes} bytes and the file holds "
+                                 f"{size}; re-download or re-export it")
+            return head + handle.read(declared.file_bytes - len(head)), declared
     except OSError as exc:
         raise InputError(f"{path}: cannot read the file ({_first_line(exc)}); check it exists and is readable") from None
-    if not raw:
-        raise InputError(f"{path}: empty file; re-download or re-export it")
-    if raw[:2] != _GZIP_MAGIC:
-        if _image_class(raw) is not None or not path.name.endswith(".gz"):
-            return raw  # uncompressed NIfTI (possibly misnamed .nii.gz); nibabel checks the rest
-        raise InputError(f"{path}: not gzip-compressed data, so not a .nii.gz volume; give a NIfTI file")
+
+
+def _gunzip_validated(raw: bytes, path: Path) -> tuple[bytes, DeclaredImage]:
     try:
-        size_hint = struct.unpack("<I", raw[-4:])[0] if len(raw) >= 18 else 0  # ISIZE of the last member
-        blob = zlib.decompress(raw, wbits=31, bufsize=max(size_hint, 1 << 16))
-        if len(blob) < _nifti_nbytes(blob):
-            blob = gzip.decompress(raw)  # several gzip members (bgzip, concatenated): read them all
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        if isinstance(exc, EOFError) or "truncated" in str(exc):
-            raise InputError(f"{path}: truncated gzip data (the file ends early); re-download or re-export it") from None
+        head = zlib.decompressobj(wbits=31).decompress(raw, _MAX_HEADER_BYTES)
+    except zlib.error as exc:
         raise InputError(f"{path}: corrupt gzip data ({_first_line(exc)}); re-download or re-export it") from None
-    return blob
-
-
-def _nifti_nbytes(blob: bytes) -> int:
-    """Bytes a NIfTI file needs according to its fixed header (0 when there is no NIfTI header)."""
-    image_class = _image_class(blob)
+    image_class = _image_class(head)
     if image_class is None:
-        return 0
-    header_size = image_class.header_class.sizeof_hdr
-    if len(blob) < header_size:
-        return header_size
-    try:
-        header = image_class.header_class(blob[:header_size], check=False)
-        shape = header.get_data_shape()
-        return int(header.get_data_offset()) + header.get_data_dtype().itemsize * int(np.prod(shape, dtype=np.int64))
-    except Exception:  # noqa: BLE001 - a broken header is reported by the full read that follows
-        return 0
+        if len(head) < 4:
+            _inflate(raw, path, limit=_TRAILING_SLACK)  # says truncated or corrupt where that is the reason
+        raise InputError(f"{path}: not a NIfTI file (no NIfTI header); give a .nii.gz or .nii volume")
+    if len(head) < image_class.header_class.sizeof_hdr:
+        _inflate(raw, path, limit=_TRAILING_SLACK)
+    declared = inspect_header(head, image_class, path)
+    blob = _inflate(raw, path, limit=declared.file_bytes + _TRAILING_SLACK)
+    if len(blob) < declared.file_bytes:
+        raise InputError(f"{path}: truncated: the header declares {declared.file_bytes} bytes and the gzip data holds "
+                         f"{len(blob)}; re-download or re-export it")
+    return blob, declared
+
+
+def _inflate(raw: bytes, path: Path, limit: int) -> bytes:
+    """Every gzip member of ``raw`` (bgzip and ``cat a.gz b.gz`` files have several), at most ``limit`` bytes."""
+    parts: list[bytes] = []
+    total, data = 0, raw
+    inflater = zlib.decompressobj(wbits=31)
+    while True:
+        try:
+            chunk = inflater.decompress(data, limit + 1 - total)
+        except zlib.error as exc:
+            raise InputError(f"{path}: corrupt gzip data ({_first_line(exc)}); re-download or re-export it") from None
+        if chunk:
+            parts.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise InputError(f"{path}: the gzip data holds more than the {limit - _TRAILING_SLACK} bytes its NIfTI "
+                             "header declares; the file is corrupt, re-export it")
+        if inflater.eof:
+            data = inflater.unused_data
+            if data[:2] != _GZIP_MAGIC:
+                break  # trailing bytes that start no member are ignored, as zlib and nibabel do
+            inflater = zlib.decompressobj(wbits=31)
+            continue
+        data = inflater.unconsumed_tail
+        if not data and not chunk:
+            raise InputError(f"{path}: truncated gzip data (the file ends early); re-download or re-export it")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def read_nifti(path: Path, ndim: int | None = 3) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Read a NIfTI file fully, turning every way it can be broken into one clear :class:`InputError`.
+
+    The header is checked before any voxel is read (:func:`~napari_clip_ad.io.header.inspect_header`:
+    size against a limit and the memory available, voxel type, voxel size, affine).
 
     Args:
         path: The file (``.nii.gz`` or ``.nii``, NIfTI-1 or NIfTI-2).
@@ -177,16 +217,20 @@ def read_nifti(path: Path, ndim: int | None = 3) -> tuple[np.ndarray, nib.Nifti1
     """
     path = Path(path)
     if not path.is_file():
+        if path.is_symlink():
+            raise InputError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist); "
+                             "restore the target or remove the link")
         raise InputError(f"{path}: file not found")
-    blob = _file_bytes(path)
-    image_class = _image_class(blob)
-    if image_class is None:
-        raise InputError(f"{path}: not a NIfTI file (no NIfTI header); give a .nii.gz or .nii volume")
+    blob, declared = _read_validated(path)
     try:
-        img = image_class.from_bytes(blob)
-        data = np.asanyarray(img.dataobj)
+        with LoggingOutputSuppressor():  # header fixes nibabel logs are either refused above or harmless
+            img = declared.image_class.from_bytes(blob)
+            data = np.asanyarray(img.dataobj)
     except (ImageFileError, HeaderDataError, ValueError, OSError, EOFError) as exc:
         raise InputError(f"{path}: not a readable NIfTI file ({_first_line(exc)}); re-export it") from None
+    except MemoryError:
+        raise InputError(f"{path}: not enough memory to read {declared.file_bytes} bytes of NIfTI data; "
+                         "free memory or use a smaller image") from None
     if ndim is not None:
         while data.ndim > ndim and data.shape[-1] == 1:
             data = data[..., 0]

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from ..errors import InputError
+
+
+def check_sigma(sigma: float) -> None:
+    """Refuse a smoothing sigma that is negative, NaN or infinite (0 means no smoothing)."""
+    try:
+        value = float(sigma)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise InputError(f"sigma {sigma}: give a Gaussian sigma in pixels >= 0 (0 = no smoothing; --sigma on the command line)")
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device: torch.device | None = None) -> torch.Tensor:
@@ -33,9 +47,10 @@ def smooth_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
     Args:
         maps: (B, H, W) or (H, W) tensor.
-        sigma: Standard deviation in pixels; 0 returns the maps unchanged.
+        sigma: Standard deviation in pixels; 0 returns the maps unchanged (negative, NaN, inf: InputError).
     """
-    if sigma <= 0:
+    check_sigma(sigma)
+    if sigma == 0:
         return maps
     squeeze = maps.ndim == 2
     x = maps[None] if squeeze else maps

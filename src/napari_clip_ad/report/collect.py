@@ -167,6 +167,11 @@ def parse_threshold(text: str) -> str | float:
 
 def match_maps(maps_dir: Path, data_dir: Path) -> list[MapPair]:
     """Pair every ``<case_id>_anomaly.nii[.gz]`` in ``maps_dir`` with its case in ``data_dir``."""
+    return match_cohort(maps_dir, data_dir)[0]
+
+
+def match_cohort(maps_dir: Path, data_dir: Path) -> tuple[list[MapPair], list[str]]:
+    """:func:`match_maps`, and the ids of the cohort's cases that have no map (sorted)."""
     if not maps_dir.is_dir():
         raise InputError(f"{maps_dir}: no such maps folder; give the folder holding <case_id>_anomaly.nii.gz files")
     if not data_dir.is_dir():
@@ -183,7 +188,8 @@ def match_maps(maps_dir: Path, data_dir: Path) -> list[MapPair]:
         pairs.append(MapPair(case_id, map_path, cases[case_id]))
     if not pairs:
         raise InputError(f"{maps_dir}: no <case_id>_anomaly.nii.gz map found; run inference first or check the folder")
-    return pairs
+    matched = {pair.case_id for pair in pairs}
+    return pairs, sorted(case_id for case_id in cases if case_id not in matched)
 
 
 def load_case_for_scoring(path: Path) -> Case:
@@ -213,7 +219,8 @@ def load_pair(pair: MapPair, region: str, restrict: bool = False) -> LoadedPair:
     scores = np.ascontiguousarray(case.geometry.to_canonical(np.asarray(data, dtype=np.float32)))
     check_scores(scores, str(pair.map_path))
     if not case.brain_mask.any():
-        raise InputError(f"{pair.case_path}: brain mask of case {pair.case_id} is empty (all-zero image); check the case files")
+        raise InputError(f"{pair.case_path}: case {pair.case_id}: brain mask is empty (all-zero image or mask), so nothing "
+                         "can be scored; check the case files or the mask")
     brain = case.brain_mask
     if restrict:
         scores = restrict_to_brain(scores, brain)
