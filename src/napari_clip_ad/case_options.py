@@ -142,13 +142,13 @@ class CaseOptions:
         object.__setattr__(self, "views", views)
         self.post  # validates views, fuse, smooth3d, min_component  # noqa: B018
         if not isinstance(self.threshold, (int, float)) or not 0.0 <= float(self.threshold) <= 1.0:
-            raise InputError(f"--threshold must be a number in [0, 1] (maps are in [0, 1]), got {self.threshold!r}")
+            raise InputError(f"--threshold {self.threshold!r}: give a number in [0, 1] (maps are in [0, 1])")
         if self.sigma is not None and (not isinstance(self.sigma, (int, float)) or not math.isfinite(self.sigma) or self.sigma < 0):
-            raise InputError(f"--sigma must be a finite number >= 0 (0 = no smoothing), got {self.sigma!r}")
+            raise InputError(f"--sigma {self.sigma:g}: give a finite number >= 0 (0 = no smoothing)" if isinstance(self.sigma, (int, float)) else f"--sigma {self.sigma!r}: give a number >= 0")
         if not math.isfinite(self.smooth3d_mm):
-            raise InputError(f"--smooth3d must be a finite sigma in mm >= 0, got {self.smooth3d_mm!r}")
+            raise InputError(f"--smooth3d {self.smooth3d_mm}: give a finite sigma in mm >= 0 (0 = no smoothing)")
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise InputError(f"--batch-size must be a whole number >= 1, got {self.batch_size!r}")
+            raise InputError(f"--batch-size {self.batch_size!r}: give a whole number >= 1")
 
     @property
     def modalities(self) -> list[str]:
