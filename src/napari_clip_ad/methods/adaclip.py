@@ -44,9 +44,10 @@ from torch import nn
 from ..backbones import Backbone, grid_for, resize_positional_embedding
 from ..errors import InputError, WeightsError
 from .adaclip_hsf import hybrid_semantic_fusion
-from .adaclip_prompts import ProjectLayer, PromptLayer, run_block, state_text_features
+from .adaclip_prompts import ProjectLayer, PromptLayer, prompt_sentences, run_block, state_text_features
 from .base import AnomalyMethod, AnomalyOutput
 from .registry import register_method
+from .text_features import cached_text_features
 
 LOGIT_SCALE = 100.0
 HSF_ALPHA = 0.2
@@ -190,7 +191,11 @@ class AdaCLIP(AnomalyMethod):
             key = (str(self.device), object_name)
             if key not in self._text_cache:
                 with torch.no_grad():
-                    self._text_cache = {key: state_text_features(self.clip, tokenizer, object_name, None)}
+                    features = cached_text_features(
+                        self.clip, self.name, {"sentences": prompt_sentences(object_name)},
+                        lambda: {"text": state_text_features(self.clip, tokenizer, object_name, None)[0]},
+                    )
+                self._text_cache = {key: features["text"][None]}
             return self._text_cache[key].expand(batch, -1, -1)
         groups = batch if self.text_prompter.use_dynamic else 1
         contexts = self.text_prompter.contexts(dynamic, groups)

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from ..backbones import Backbone, resize_positional_embedding
 from ..errors import InputError
 from .anovl_attention import encode_visual
-from .anovl_prompts import encode_state_prompts
+from .anovl_prompts import STATE_ABNORMAL, STATE_NORMAL, encode_state_prompts, state_sentences
 from .anovl_tta import StateAdapter, adapt_tokens, augment_views, state_probabilities
 from .base import AnomalyMethod, AnomalyOutput
 from .registry import register_method
+from .text_features import cached_text_features
 
 MAP_ENTRY = 6
 """The official map reads ``patch_tokens_ln[6]``: it needs at least 4 tapped layers (2 entries each)."""
@@ -73,7 +74,14 @@ class AnoVL(AnomalyMethod):
         """Cached ``(text (E, 2), sentences (2 * S, E))`` of the state prompts for ``object_name``."""
         device = self.device
         if self._text_cache is None or self._text_cache[0].device != device:
-            self._text_cache = encode_state_prompts(self.clip, self.backbone.tokenizer, self.object_name, device)
+            def compute() -> dict[str, torch.Tensor]:
+                text, sentences = encode_state_prompts(self.clip, self.backbone.tokenizer, self.object_name, device)
+                return {"text": text, "sentences": sentences}
+
+            payload = {"normal": state_sentences(self.object_name, STATE_NORMAL),
+                       "abnormal": state_sentences(self.object_name, STATE_ABNORMAL)}
+            cached = cached_text_features(self.clip, self.name, payload, compute)
+            self._text_cache = (cached["text"], cached["sentences"])
         return self._text_cache
 
     def on_weights_loaded(self) -> None:

@@ -34,7 +34,8 @@ from ..backbones import Backbone, resize_positional_embedding
 from ..errors import InputError, WeightsError
 from .base import AnomalyMethod, AnomalyOutput
 from .registry import register_method
-from .vand_prompts import encode_state_text
+from .text_features import cached_text_features
+from .vand_prompts import encode_state_text, prompt_sentences
 
 LOGIT_SCALE = 100.0
 """test.py / train.py: ``100.0 * features @ text_features``."""
@@ -127,10 +128,15 @@ class VAND(AnomalyMethod):
 
     # --- text --------------------------------------------------------------------------------
     def text_features(self) -> torch.Tensor:
-        """Normalised (normal, abnormal) text features (2, E), computed once per device."""
+        """Normalised (normal, abnormal) text features (2, E), fp32, computed once (disk-cached across processes)."""
         key = str(self.device)
         if key not in self._text_cache:
-            self._text_cache = {key: encode_state_text(self.clip, self.backbone.tokenizer, self.config["object_name"])}
+            name = self.config["object_name"]
+            features = cached_text_features(
+                self.clip, self.name, {"sentences": prompt_sentences(name)},
+                lambda: {"text": encode_state_text(self.clip, self.backbone.tokenizer, name)},
+            )
+            self._text_cache = {key: features["text"]}
         return self._text_cache[key]
 
     # --- visual + head -----------------------------------------------------------------------

@@ -36,6 +36,7 @@ from ..backbones import Backbone, grid_for, resize_positional_embedding
 from ..errors import InputError, WeightsError
 from .base import AnomalyMethod, AnomalyOutput
 from .registry import register_method
+from .text_features import cached_text_features, encode_sentences
 from .winclip_prompts import compositional_prompts
 
 TEMPERATURE = 0.07
@@ -144,10 +145,16 @@ class WinCLIP(AnomalyMethod):
         """(2, D) L2-normalised (normal, anomalous) ensemble embeddings, computed once in fp32."""
         if self._text_cache is None:
             normal, anomalous = compositional_prompts(self.config["object_name"])
-            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-                means = [self.clip.encode_text(self.backbone.tokenizer(p).to(self.device)).float().mean(dim=0) for p in (normal, anomalous)]
-            # anomalib stores the unnormalised means and normalises them in every cosine similarity.
-            self._text_cache = F.normalize(torch.stack(means), dim=-1)
+
+            def compute() -> dict[str, torch.Tensor]:
+                # One batched, EOT-truncated pass over both sides (exact: the text tower is causal).
+                embedded = encode_sentences(self.clip, self.backbone.tokenizer, normal + anomalous)
+                means = [embedded[: len(normal)].mean(dim=0), embedded[len(normal):].mean(dim=0)]
+                # anomalib stores the unnormalised means and normalises them in every cosine similarity.
+                return {"text": F.normalize(torch.stack(means), dim=-1)}
+
+            payload = {"normal": normal, "anomalous": anomalous}
+            self._text_cache = cached_text_features(self.clip, self.name, payload, compute)["text"]
         return self._text_cache.to(self.device)
 
     def on_weights_loaded(self) -> None:
