@@ -29,7 +29,9 @@ At 240 px the official code rebuilds the model from its JSON config without a qu
 the OpenAI weights run with exact GELU (``quick_gelu = False``). The official test enforces batch
 size 1; here any batch gives the same per-image result (prompts, text features and k-means seeds
 are per image) to float precision; HSF's top-k and k-means are discontinuous, so in a rare near-tie
-a float-level difference between batch sizes can still move an image score. Official evaluation runs under CUDA autocast; this module computes in float32.
+a float-level difference between batch sizes can still move an image score. Official evaluation runs under CUDA autocast; here
+the frozen visual tower runs in the method's precision (fp32, or bf16 where chosen) and everything
+else (text tower, heads, HSF, logits, maps) in float32.
 """
 
 from __future__ import annotations
@@ -231,14 +233,21 @@ class AdaCLIP(AnomalyMethod):
         batch = images.shape[0]
         dynamic_visual = dynamic_text = None
         if self.visual_prompter.use_dynamic or self.text_prompter.use_dynamic:
-            with torch.no_grad():  # official: the generators' input carries no gradient
+            with torch.no_grad(), self.backbone_autocast():  # official: the generators' input carries no gradient
                 plain = self.plain_image_features(images)
-            if self.visual_prompter.use_dynamic:
-                dynamic_visual = self.dynamic_visual_prompt_generator.stacked(plain)
-            if self.text_prompter.use_dynamic:
-                dynamic_text = self.dynamic_text_prompt_generator.stacked(plain)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.visual_prompter.enabled):
+            with self.head_fp32():
+                plain = plain.float()
+                if self.visual_prompter.use_dynamic:
+                    dynamic_visual = self.dynamic_visual_prompt_generator.stacked(plain)
+                if self.text_prompter.use_dynamic:
+                    dynamic_text = self.dynamic_text_prompt_generator.stacked(plain)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.visual_prompter.enabled), self.backbone_autocast():
             pooled, tapped = self.encode_image(images, dynamic_visual)
+        with self.head_fp32():
+            return self._head_details(pooled.float(), [t.float() for t in tapped], dynamic_text, batch)
+
+    def _head_details(self, pooled: torch.Tensor, tapped: list[torch.Tensor], dynamic_text: torch.Tensor | None, batch: int) -> AdaCLIPDetails:
+        """Text features, projections, HSF, logits and maps in fp32 (autocast off)."""
         text = self.text_features(dynamic_text, batch).to(pooled.dtype)
         patches = [F.normalize(t, dim=-1) for t in self.patch_token_layer.per_layer(tapped)]
         image = F.normalize(self.cls_token_layer.head[0](pooled), dim=-1)

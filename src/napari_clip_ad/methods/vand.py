@@ -18,7 +18,8 @@ Official reference: ByChelsea/VAND-APRIL-GAN (commit f13b8a6): ``test.py`` (zero
 
 At 240 px the official code rebuilds ViT-L-14-336 from its JSON config, which has no quick_gelu
 flag: the OpenAI weights then run with exact GELU (``quick_gelu = False``). The official test runs
-under CUDA autocast (fp16); this module computes in the backbone's dtype (float32 on CPU).
+under CUDA autocast (fp16); here the frozen backbone runs in the method's precision (fp32, or bf16
+where chosen) and the head (adapters, logits, resize, softmax) always in fp32.
 """
 
 from __future__ import annotations
@@ -144,14 +145,19 @@ class VAND(AnomalyMethod):
     def tap_tokens(self, images: torch.Tensor) -> VandTapped:
         """Frozen visual outputs (raw tapped tokens without CLS, image feature) in one backbone pass."""
         visual = self.clip.visual
-        out = visual.forward_intermediates(
-            images.to(self.device), indices=[i - 1 for i in self.layers], output_fmt="NLC", intermediates_only=False
-        )
+        with self.backbone_autocast():
+            out = visual.forward_intermediates(
+                images.to(self.device), indices=[i - 1 for i in self.layers], output_fmt="NLC", intermediates_only=False
+            )
         tokens = torch.stack(out["image_intermediates"], dim=1)
         return VandTapped(tokens, out["image_features"])
 
     def head_details(self, tapped: VandTapped | torch.Tensor, image_features: torch.Tensor | None = None) -> HeadDetails:
-        """Maps, scores and per-layer probabilities from (possibly cached) tapped tokens."""
+        """Maps, scores and per-layer probabilities from (possibly cached) tapped tokens (fp32, autocast off)."""
+        with self.head_fp32():
+            return self._head_details(tapped, image_features)
+
+    def _head_details(self, tapped: VandTapped | torch.Tensor, image_features: torch.Tensor | None) -> HeadDetails:
         tokens, image = tapped if image_features is None else (tapped, image_features)
         text = self.text_features()
         adapted = self.linear(tokens.to(self.linear.fc[0].weight.dtype))

@@ -216,8 +216,11 @@ class WinCLIP(AnomalyMethod):
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         """Anomalous-probability maps (B, H, W) in [0, 1] and image scores (B,)."""
-        image_embeddings, window_embeddings = self.encode(images)
-        image_scores = anomalous_probability(image_embeddings, self.text_features)
-        patch_maps = self.patch_scores(image_scores, window_embeddings)
-        maps = F.interpolate(patch_maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        with self.backbone_autocast():
+            image_embeddings, window_embeddings = self.encode(images)
+        with self.head_fp32():
+            image_embeddings, window_embeddings = image_embeddings.float(), [w.float() for w in window_embeddings]
+            image_scores = anomalous_probability(image_embeddings, self.text_features)
+            patch_maps = self.patch_scores(image_scores, window_embeddings)
+            maps = F.interpolate(patch_maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return AnomalyOutput(maps=maps, scores=image_scores, map_max=self.map_max)
