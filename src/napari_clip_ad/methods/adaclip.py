@@ -45,7 +45,7 @@ from torch import nn
 
 from ..backbones import Backbone, grid_for, resize_positional_embedding
 from ..errors import InputError, WeightsError
-from .adaclip_hsf import hybrid_semantic_fusion
+from .adaclip_hsf import HSF_MODES, hybrid_semantic_fusion
 from .adaclip_prompts import ProjectLayer, PromptLayer, prompt_sentences, run_block, state_text_features
 from .base import AnomalyMethod, AnomalyOutput
 from .registry import register_method
@@ -107,6 +107,7 @@ class AdaCLIP(AnomalyMethod):
     options = {
         "layers": None, "object_name": "brain", "prompting_depth": 4, "prompting_length": 5,
         "prompting_branch": "VL", "prompting_type": "SD", "use_hsf": True, "k_clusters": 20,
+        "hsf": "exact",
     }
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
@@ -162,6 +163,10 @@ class AdaCLIP(AnomalyMethod):
             raise InputError(f"adaclip option prompting_length={self.prompting_length} does not fit the text context")
         self.use_hsf = _as_bool(self.config["use_hsf"], "use_hsf")
         self.k_clusters = _as_int(self.config["k_clusters"], "k_clusters", 1)
+        self.hsf_mode = str(self.config["hsf"]).lower()
+        if self.hsf_mode not in HSF_MODES:
+            raise InputError(f"adaclip option hsf={self.config['hsf']!r} is invalid; use 'exact' (scikit-learn, official) or 'fast' (torch on the device)")
+        self.config["hsf"] = self.hsf_mode
         object_name = self.config["object_name"]
         if not isinstance(object_name, str) or not object_name.strip():
             raise InputError(f"adaclip option object_name={object_name!r} is invalid; give the object's name, e.g. 'brain'")
@@ -253,7 +258,7 @@ class AdaCLIP(AnomalyMethod):
         image = F.normalize(self.cls_token_layer.head[0](pooled), dim=-1)
         layer_logits = [LOGIT_SCALE * p @ text for p in patches]
         if self.use_hsf:
-            fused = hybrid_semantic_fusion(patches, layer_logits, self.k_clusters)
+            fused = hybrid_semantic_fusion(patches, layer_logits, self.k_clusters, self.hsf_mode)
             image = F.normalize(HSF_ALPHA * fused + (1 - HSF_ALPHA) * image, dim=1)
         image_probs = (LOGIT_SCALE * image.unsqueeze(1) @ text).squeeze(1).softmax(dim=1)
         stacked = torch.stack(layer_logits, dim=1)  # (B, n_layers, L, 2)
