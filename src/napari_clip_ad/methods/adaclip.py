@@ -107,7 +107,7 @@ class AdaCLIP(AnomalyMethod):
     options = {
         "layers": None, "object_name": "brain", "prompting_depth": 4, "prompting_length": 5,
         "prompting_branch": "VL", "prompting_type": "SD", "use_hsf": True, "k_clusters": 20,
-        "hsf": "exact",
+        "hsf": "fast",
     }
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
