@@ -178,7 +178,11 @@ def run_volume(
     method.eval()  # once per volume (predict no longer switches ~400 modules every batch)
     try:
         if auto_batch and on_gpu and len(todo):
-            size = _auto_batch_size(method, source_slices, out_hw, sigma)
+            try:
+                size = _auto_batch_size(method, source_slices, out_hw, sigma)
+            except torch.cuda.OutOfMemoryError:  # not even 2 slices fit: one at a time
+                size = 1
+                torch.cuda.empty_cache()
         if progress:
             progress(0, len(todo))
         while start < len(todo):
@@ -188,7 +192,7 @@ def run_volume(
             if on_gpu:
                 raw = source_slices[start:stop]
             else:
-                raw = torch.from_numpy(np.ascontiguousarray(stack[todo[start:stop]], dtype=np.float32))
+                raw = torch.from_numpy(np.ascontiguousarray(stack[todo[start:stop]], dtype=np.float32)).to(device)
             try:
                 batch_maps, batch_scores = _predict_batch(method, raw, out_hw, sigma)
             except torch.cuda.OutOfMemoryError:
@@ -201,8 +205,8 @@ def run_volume(
                 device_maps[start:stop] = batch_maps
                 device_scores[start:stop] = batch_scores
             else:
-                maps[todo[start:stop]] = batch_maps.numpy()
-                scores[todo[start:stop]] = batch_scores.numpy()
+                maps[todo[start:stop]] = batch_maps.cpu().numpy()
+                scores[todo[start:stop]] = batch_scores.cpu().numpy()
             done += stop - start
             start = stop
             if progress:
