@@ -57,10 +57,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--per-case", type=int, default=1, help="slices per real case")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-slices", type=int, default=None, help="use only the first N of those slices (slow methods)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--volume-slices", type=int, default=145)
     args = parser.parse_args()
     volume, brain = real_slices(args.data, args.per_case)
+    volume, brain = volume[: args.max_slices], brain[: args.max_slices]
     models = {p: build_method(args.method, args.backbone, device="cpu", precision=p) for p in ("fp32", "bf16")}
     best = {p: float("inf") for p in models}
     results = {}

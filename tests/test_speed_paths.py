@@ -149,3 +149,16 @@ def test_fp32_smoothing_agrees_with_float64():
     fp64 = smooth_maps(maps.double(), 4.0)
     assert fp32.dtype == torch.float32 and fp64.dtype == torch.float64
     assert float((fp32.double() - fp64).abs().max()) < 1e-6
+
+
+# --- engine ------------------------------------------------------------------------------------
+def test_engine_sets_eval_once_and_restores_the_mode(real_crop):
+    method = build_method("vand", "tiny-test", device="cpu")
+    expected = run_volume(real_crop, method, batch_size=1)
+    method.train()
+    got = run_volume(real_crop, method, batch_size="auto")  # 'auto' on the CPU: the CPU default batch
+    assert method.training  # restored after the volume
+    np.testing.assert_array_equal(got.anomaly_map, expected.anomaly_map)
+    assert got.info["batch_size"] == 8
+    with pytest.raises(InputError, match="batch size"):
+        run_volume(real_crop, method, batch_size="large")
