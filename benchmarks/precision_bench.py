@@ -2,7 +2,7 @@
 
 One method on one backbone per run. Two copies of the same seeded model are built, one with
 ``precision="fp32"`` and one with ``precision="bf16"`` (visual weights cast once); they take turns for
-``--rounds`` rounds on the same real slices (the middle tumour slice of each real BraTS 2023 case, t2w,
+``--rounds`` rounds (order fp32, bf16 | bf16, fp32 | ..., so a drifting machine load cancels) on the same real slices (the middle tumour slice of each real BraTS 2023 case, t2w,
 through ``run_volume``), and the best round of each is kept. Seconds per slice are extrapolated to a
 volume of ``--volume-slices`` analysed slices (a BraTS volume has ~145 brain slices of 155): an
 extrapolation from a few slices, not a whole-volume run. The maps of the two precisions are compared
@@ -66,8 +66,9 @@ def main() -> None:
     models = {p: build_method(args.method, args.backbone, device="cpu", precision=p) for p in ("fp32", "bf16")}
     best = {p: float("inf") for p in models}
     results = {}
-    for _ in range(args.rounds):
-        for precision, model in models.items():
+    for round_index in range(args.rounds):
+        order = list(models.items()) if round_index % 2 == 0 else list(models.items())[::-1]  # fp32, bf16, bf16, fp32, ...
+        for precision, model in order:
             start = time.perf_counter()
             results[precision] = run_volume(volume, model, brain_mask=brain, batch_size=args.batch_size)
             best[precision] = min(best[precision], time.perf_counter() - start)

@@ -42,6 +42,17 @@ def seeding_draws(n_samples: int, k_clusters: int, seed: int) -> tuple[int, np.n
     return first, uniforms
 
 
+_DRAWS_ON_DEVICE: dict[tuple, torch.Tensor] = {}
+
+
+def _device_draws(n_samples: int, k_clusters: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The seeding uniforms as a tensor on ``device``, uploaded once (no host-to-device copy per batch)."""
+    key = (n_samples, k_clusters, seed, str(device), dtype)
+    if key not in _DRAWS_ON_DEVICE:
+        _DRAWS_ON_DEVICE[key] = torch.as_tensor(seeding_draws(n_samples, k_clusters, seed)[1], dtype=dtype, device=device)
+    return _DRAWS_ON_DEVICE[key]
+
+
 def _sq_distances(points: torch.Tensor, sq_norms: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """(B, m, n) squared distances of centres (B, m, d) to points (B, n, d), clipped at 0."""
     distances = sq_norms[:, None, :] - 2.0 * centres @ points.transpose(1, 2) + (centres * centres).sum(-1)[..., None]
@@ -51,8 +62,8 @@ def _sq_distances(points: torch.Tensor, sq_norms: torch.Tensor, centres: torch.T
 def kmeans_plusplus(points: torch.Tensor, k_clusters: int, seed: int = 0) -> torch.Tensor:
     """(B, k) indices of scikit-learn's greedy k-means++ seeds for each image of ``points`` (B, n, d) float64."""
     batch, n_samples, _ = points.shape
-    first, uniforms = seeding_draws(n_samples, k_clusters, seed)
-    uniforms_t = torch.as_tensor(uniforms, dtype=points.dtype, device=points.device)
+    first, _ = seeding_draws(n_samples, k_clusters, seed)
+    uniforms_t = _device_draws(n_samples, k_clusters, seed, points.device, points.dtype)
     sq_norms = (points * points).sum(-1)
     rows = torch.arange(batch, device=points.device)
     index = torch.full((batch, k_clusters), first, dtype=torch.long, device=points.device)

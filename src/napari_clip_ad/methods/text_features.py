@@ -125,7 +125,8 @@ def text_tower_hash(clip: nn.Module) -> str:
             continue
         data = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{tuple(data.shape)}|{data.dtype}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            digest.update(data.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no extra copy
     layers = sorted({f"{type(m).__name__}({m.extra_repr()})" for n, m in clip.named_modules()
                      if not n.startswith("visual") and not list(m.children())})
     digest.update("|".join(layers).encode())
