@@ -23,22 +23,26 @@ from napari_clip_ad import build_method, run_volume, sample_case
 from napari_clip_ad.methods import list_methods
 
 
-def compare(name: str, backbone: str, volume: np.ndarray, device: str, image_size: int) -> dict[str, object]:
-    """CPU fp32 against ``device`` (autocast on CUDA) for one method on the same slices."""
-    reference = build_method(name, backbone, image_size=image_size, device="cpu")
-    tested = build_method(name, backbone, image_size=image_size, device=device)
+def compare(name: str, backbone: str, volume: np.ndarray, device: str, image_size: int, precision: str | None = None) -> dict[str, object]:
+    """CPU fp32 against ``device`` in ``precision`` (None: the library default, bf16 on CUDA) for one method."""
+    reference = build_method(name, backbone, image_size=image_size, device="cpu", precision="fp32")
+    tested = build_method(name, backbone, image_size=image_size, device=device, precision=precision)
     expected = run_volume(volume, reference, batch_size=4)
     run_volume(volume[:2], tested)  # warm-up (kernels, text features)
     start = time.perf_counter()
-    got = run_volume(volume, tested)
+    got = run_volume(volume, tested)  # batch None: 'auto' from the memory probe on CUDA
     if tested.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     difference = np.abs(got.anomaly_map - expected.anomaly_map)
     flipped = (got.anomaly_map >= 0.5) != (expected.anomaly_map >= 0.5)
+    above = (got.anomaly_map >= 0.5) | (expected.anomaly_map >= 0.5)
     return {
-        "method": name, "backbone": tested.backbone.label, "device": str(tested.device), "batch_size": got.info["batch_size"],
+        "method": name, "backbone": tested.backbone.label, "device": str(tested.device), "precision": got.info["precision"],
+        "batch_size": got.info["batch_size"],
         "seconds": round(seconds, 4), "max_abs_map_diff": float(difference.max()), "mean_abs_map_diff": float(difference.mean()),
+        "p99.9_abs_map_diff": float(np.quantile(difference, 0.999)),
+        "dice_at_0.5": 1.0 if not above.any() else float(1 - flipped.sum() / ((got.anomaly_map >= 0.5).sum() + (expected.anomaly_map >= 0.5).sum())),
         "max_abs_score_diff": float(np.abs(got.scores - expected.scores).max()), "voxels_flipped_at_0.5": int(flipped.sum()),
     }
 
@@ -68,11 +72,14 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=240)
     parser.add_argument("--methods", default=",".join(list_methods()))
+    parser.add_argument("--precisions", default="default,fp32",
+                        help="precisions of the tested side, e.g. default,fp32,bf16 ('default': the library's, bf16 on CUDA)")
     args = parser.parse_args()
     case = sample_case(seed=0)
     start = (case.shape[0] - args.slices) // 2
     volume = case.images["t2w"][start : start + args.slices]
-    rows = [compare(name, args.backbone, volume, args.device, args.image_size) for name in args.methods.split(",")]
+    precisions = [None if p == "default" else p for p in args.precisions.split(",")]
+    rows = [compare(name, args.backbone, volume, args.device, args.image_size, p) for name in args.methods.split(",") for p in precisions]
     report: dict[str, object] = {"torch": torch.__version__, "rows": rows}
     if torch.device(args.device).type == "cuda":
         report["gpu"] = torch.cuda.get_device_name()

@@ -28,12 +28,12 @@ log="$OUT/log.txt"
 step() { echo "== $(date +%T) $*" | tee -a "$log"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$log" 2>&1
 
-step "correctness, tiny-test, every method"
-timeout 120 python3 benchmarks/gpu_check.py --backbone tiny-test > "$OUT/gpu_check_tiny.json" 2>> "$log"
-step "correctness, ViT-L-14-336 (vand, anomalyclip, adaclip) and OOM halving"
+step "correctness, tiny-test, every method, CUDA bf16 (default) and CUDA fp32 against CPU fp32"
+timeout 150 python3 benchmarks/gpu_check.py --backbone tiny-test --precisions default,fp32 > "$OUT/gpu_check_tiny.json" 2>> "$log"
+step "correctness, ViT-L-14-336 (vand, anomalyclip, adaclip): CUDA bf16 vs CPU fp32 maps, auto batch, OOM halving"
 timeout 150 python3 benchmarks/gpu_check.py --backbone random:ViT-L-14-336 --methods vand,anomalyclip,adaclip \
-    --slices 16 > "$OUT/gpu_check_vitl.json" 2>> "$log"
-step "inference, ViT-L-14-336, 155 slices"
+    --slices 16 --precisions default > "$OUT/gpu_check_vitl.json" 2>> "$log"
+step "inference, ViT-L-14-336, 155 slices (engine: bf16 backbone, fp32 heads, auto batch; plain loop: fp32, batch 1)"
 for method in vand anomalyclip adaclip; do
     timeout 100 python3 benchmarks/infer_bench.py --method "$method" --backbone random:ViT-L-14-336 --device cuda \
         --repeats 5 --compare-batches 1,8,32,64 >> "$OUT/infer_vitl.json" 2>> "$log"

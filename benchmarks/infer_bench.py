@@ -2,7 +2,8 @@
 
 The plain loop is how the official test scripts run: batch 1, fp32, every slice (no skipping of
 brainless slices), one forward per slice. ``run_volume`` batches, skips brainless slices, and uses
-autocast (bf16) on CUDA. Both produce the same [0, 1] maps (checked on the analysed slices).
+runs its frozen backbone in the method's precision (``--precision``; bf16 on CUDA by default, heads fp32).
+Both produce the same [0, 1] maps up to that precision (checked on the analysed slices).
 
 Usage:
     python benchmarks/infer_bench.py --method vand --backbone tiny-test                  # CPU, here
@@ -68,7 +69,10 @@ def main() -> None:
     parser.add_argument("--method", default="vand")
     parser.add_argument("--backbone", default="tiny-test")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=None, help="run_volume batch (default: the engine's, 8 on CPU, 16 on GPU)")
+    parser.add_argument("--batch-size", default=None,
+                        help="run_volume batch: a number or 'auto' (default: the engine's: 8 on CPU, auto from a memory probe on CUDA)")
+    parser.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16"),
+                        help="engine precision (default: the library's: fp32 on CPU, bf16 autocast on CUDA); the plain loop is always fp32")
     parser.add_argument("--slices", type=int, default=155, help="slices of the synthetic volume (155 = BraTS)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-plain", action="store_true", help="only time run_volume")
@@ -80,11 +84,14 @@ def main() -> None:
     case = sample_case(seed=0)
     start = max(0, (case.shape[0] - args.slices) // 2)
     volume = case.images["t2w"][start : start + args.slices]
-    method = build_method(args.method, args.backbone, device=args.device)
+    batch_size = None if args.batch_size is None else (args.batch_size if args.batch_size == "auto" else int(args.batch_size))
+    method = build_method(args.method, args.backbone, device=args.device, precision=args.precision)
     device = method.device
-    variants: dict[str, Callable[[], object]] = {"engine": lambda: run_volume(volume, method, batch_size=args.batch_size)}
+    variants: dict[str, Callable[[], object]] = {"engine": lambda: run_volume(volume, method, batch_size=batch_size)}
     if not args.skip_plain:
-        variants["plain"] = lambda: plain_loop(volume, method)
+        # The official scripts' way is fp32: a second, identically seeded fp32 model when the engine's is not.
+        plain_method = method if method.precision == "fp32" else build_method(args.method, args.backbone, device=args.device, precision="fp32")
+        variants["plain"] = lambda: plain_loop(volume, plain_method)
     batches = [int(b) for b in args.compare_batches.split(",") if b]
     for batch in batches:
         variants[f"engine_batch{batch}"] = lambda b=batch: run_volume(volume, method, batch_size=b)
@@ -94,6 +101,7 @@ def main() -> None:
         "method": args.method, "backbone": method.backbone.label, "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "slices": int(volume.shape[0]), "slices_analysed": int(engine.analysed.sum()), "batch_size": engine.info["batch_size"],
+        "precision": engine.info["precision"],
         "repeats": args.repeats, "threads": torch.get_num_threads(),
         "engine_s": round(engine_s, 4), "engine_slices_per_s": round(volume.shape[0] / engine_s, 1),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import nibabel as nib
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Text features are disk-cached per process tree; tests get their own empty cache, not the user's.
+os.environ.setdefault("NAPARI_CLIP_AD_TEXT_CACHE", tempfile.mkdtemp(prefix="napari-clip-ad-text-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

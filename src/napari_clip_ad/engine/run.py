@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,17 +70,17 @@ def default_batch_size(device: torch.device) -> int:
     return 8 if device.type == "cpu" else 16
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+MAX_AUTO_BATCH = 256
+"""Upper bound of the CUDA ``auto`` batch (a whole BraTS volume is 155 slices)."""
+AUTO_BATCH_MEMORY_SHARE = 0.7
+"""Share of the free GPU memory the ``auto`` batch may plan to use (the rest is headroom)."""
 
 
 def _predict_batch(method: AnomalyMethod, raw: torch.Tensor, out_hw: tuple[int, int], sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     images = preprocess_slices(raw, method.image_size, method.backbone.mean, method.backbone.std)
-    with _autocast(images.device):
-        output = method.predict(images)
+    # The method runs its frozen backbone in its precision (bf16/fp16 autocast where chosen) and its
+    # head in fp32; the engine's own work (smoothing, resize) is fp32 with autocast off.
+    output = method.predict(images)
     maps = output.unit_maps().float()
     maps = smooth_maps(maps, sigma)
     if tuple(maps.shape[-2:]) != out_hw:
@@ -89,30 +88,54 @@ def _predict_batch(method: AnomalyMethod, raw: torch.Tensor, out_hw: tuple[int, 
     return maps.clamp_(0.0, 1.0), output.scores.float()
 
 
+def _auto_batch_size(method: AnomalyMethod, stack: torch.Tensor, out_hw: tuple[int, int], sigma: float) -> int:
+    """Largest CUDA batch that should fit: peak memory of a 2-slice batch, scaled to the free memory.
+
+    A first 1-slice call warms up (text features, kernels); the 2-slice peak per slice (an over-
+    estimate: it includes fixed costs) sets the batch. Out-of-memory still halves it later.
+    """
+    device = method.device
+    probe = stack[: min(2, stack.shape[0])]
+    _predict_batch(method, probe[:1], out_hw, sigma)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    _predict_batch(method, probe, out_hw, sigma)
+    torch.cuda.synchronize(device)
+    per_slice = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe.shape[0])
+    free, _ = torch.cuda.mem_get_info(device)
+    cached_free = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(max(1, min(MAX_AUTO_BATCH, stack.shape[0], (AUTO_BATCH_MEMORY_SHARE * (free + cached_free)) // per_slice)))
+
+
 def run_volume(
     source: Case | np.ndarray,
     method: AnomalyMethod,
     modality: str | Sequence[str] = "t2w",
     axis: str | int = "axial",
-    batch_size: int | None = None,
+    batch_size: int | str | None = None,
     sigma: float | None = None,
     brain_mask: np.ndarray | None = None,
     progress: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
+    precision: str | None = None,
 ) -> VolumeResult:
     """Run a method over every slice of a volume and stack the maps back into 3D.
 
     Args:
         source: A loaded case, or a canonical [z, y, x] array (then ``modality`` only names it).
-        method: A built method (its device is used; autocast bf16/fp16 on CUDA, fp32 on CPU).
+        method: A built method (its device and precision are used: see ``precision``).
         modality: One modality, or three joined by '+' used as the three input channels.
         axis: 'axial' (the study), 'coronal' or 'sagittal'.
-        batch_size: Slices per forward pass (None: :func:`default_batch_size`); halved and retried on CUDA
-            out-of-memory.
+        batch_size: Slices per forward pass; 'auto' (None on CUDA): the largest that fits the free GPU
+            memory (a 2-slice memory probe), :func:`default_batch_size` on the CPU. Halved and retried
+            on CUDA out-of-memory.
         sigma: Gaussian smoothing of each slice map; None uses the method's official sigma.
         brain_mask: Overrides the case's brain mask (slices without brain are skipped: map 0).
         progress: Called after every batch with (done, total) slices.
         cancel: Checked between batches; when it returns True, :class:`Cancelled` is raised.
+        precision: 'auto', 'fp32' or 'bf16' for the frozen backbone (casts the method's weights once;
+            see :mod:`napari_clip_ad.methods.precision`); None keeps the method's. Recorded in ``info``.
 
     Returns:
         The [0, 1] float32 map aligned with the input volume, per-slice scores and provenance.
@@ -120,10 +143,14 @@ def run_volume(
     modalities = parse_modality(modality)
     ax = axis_index(axis)
     volume, brain = _volume_and_brain(source, modalities, brain_mask)
-    if batch_size is None:
-        batch_size = default_batch_size(method.device)
-    if batch_size < 1:
-        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    device = method.device
+    auto_batch = batch_size == "auto" or (batch_size is None and device.type == "cuda")
+    if batch_size is None or batch_size == "auto":
+        batch_size = default_batch_size(device)
+    if isinstance(batch_size, str) or batch_size < 1:
+        raise InputError(f"batch size must be at least 1 or 'auto', got {batch_size!r}")
+    if precision is not None:
+        method.set_precision(precision)
     sigma = method.default_sigma if sigma is None else float(sigma)
     check_sigma(sigma)
     # (N, H, W) for one modality, (N, 3, H, W) for three; axis 0 (axial) stays a view without copy.
@@ -144,29 +171,57 @@ def run_volume(
     out_hw = tuple(brain_slices.shape[1:])
     maps = np.zeros((n_slices, *out_hw), dtype=np.float32)
     scores = np.zeros(n_slices, dtype=np.float32)
-    device = method.device
+    on_gpu = device.type == "cuda"
+    if on_gpu and len(todo):
+        # One pinned upload of the analysed slices and one download of their maps per volume: no
+        # host round trip per batch (the maps stay on the device until the end).
+        host = torch.from_numpy(np.ascontiguousarray(stack[todo], dtype=np.float32)).pin_memory()
+        source_slices = host.to(device, non_blocking=True)
+        device_maps = torch.empty((len(todo), *out_hw), dtype=torch.float32, device=device)
+        device_scores = torch.empty(len(todo), dtype=torch.float32, device=device)
     done, start, size = 0, 0, int(batch_size)
-    if progress:
-        progress(0, len(todo))
-    while start < len(todo):
-        if cancel is not None and cancel():
-            raise Cancelled("cancelled")
-        index = todo[start : start + size]
-        raw = torch.from_numpy(np.ascontiguousarray(stack[index], dtype=np.float32)).to(device, non_blocking=True)
-        try:
-            batch_maps, batch_scores = _predict_batch(method, raw, out_hw, sigma)
-        except torch.cuda.OutOfMemoryError:
-            if size == 1:
-                raise
-            size = max(1, size // 2)
-            torch.cuda.empty_cache()
-            continue
-        maps[index] = batch_maps.cpu().numpy()
-        scores[index] = batch_scores.cpu().numpy()
-        start += len(index)
-        done += len(index)
+    was_training = method.training
+    method.eval()  # once per volume (predict no longer switches ~400 modules every batch)
+    try:
+        if auto_batch and on_gpu and len(todo):
+            try:
+                size = _auto_batch_size(method, source_slices, out_hw, sigma)
+            except torch.cuda.OutOfMemoryError:  # not even 2 slices fit: one at a time
+                size = 1
+                torch.cuda.empty_cache()
         if progress:
-            progress(done, len(todo))
+            progress(0, len(todo))
+        while start < len(todo):
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled")
+            stop = min(start + size, len(todo))
+            if on_gpu:
+                raw = source_slices[start:stop]
+            else:
+                raw = torch.from_numpy(np.ascontiguousarray(stack[todo[start:stop]], dtype=np.float32)).to(device)
+            try:
+                batch_maps, batch_scores = _predict_batch(method, raw, out_hw, sigma)
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                size = max(1, size // 2)
+                torch.cuda.empty_cache()
+                continue
+            if on_gpu:
+                device_maps[start:stop] = batch_maps
+                device_scores[start:stop] = batch_scores
+            else:
+                maps[todo[start:stop]] = batch_maps.cpu().numpy()
+                scores[todo[start:stop]] = batch_scores.cpu().numpy()
+            done += stop - start
+            start = stop
+            if progress:
+                progress(done, len(todo))
+    finally:
+        method.train(was_training)
+    if on_gpu and len(todo):
+        maps[todo] = device_maps.cpu().numpy()
+        scores[todo] = device_scores.cpu().numpy()
     anomaly_map = np.ascontiguousarray(np.moveaxis(maps, 0, ax))
     info = {
         **method.describe(),
@@ -175,6 +230,7 @@ def run_volume(
         "sigma": sigma,
         "batch_size": size,
         "device": str(device),
+        "precision": method.precision,
         "slices_analysed": int(len(todo)),
         "slices_total": int(n_slices),
     }

@@ -30,7 +30,9 @@ At 240 px the official code rebuilds the model from its JSON config without a qu
 the OpenAI weights run with exact GELU (``quick_gelu = False``). The official test enforces batch
 size 1; here any batch gives the same per-image result (prompts, text features and k-means seeds
 are per image) to float precision; HSF's top-k and k-means are discontinuous, so in a rare near-tie
-a float-level difference between batch sizes can still move an image score. Official evaluation runs under CUDA autocast; this module computes in float32.
+a float-level difference between batch sizes can still move an image score. Official evaluation runs under CUDA autocast; here
+the frozen visual tower runs in the method's precision (fp32, or bf16 where chosen) and everything
+else (text tower, heads, HSF, logits, maps) in float32.
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ from torch import nn
 
 from ..backbones import Backbone, grid_for, resize_positional_embedding
 from ..errors import InputError, WeightsError
-from .adaclip_hsf import hybrid_semantic_fusion
-from .adaclip_prompts import ProjectLayer, PromptLayer, run_block, state_text_features
+from .adaclip_hsf import HSF_MODES, hybrid_semantic_fusion
+from .adaclip_prompts import ProjectLayer, PromptLayer, prompt_sentences, run_block, state_text_features
 from .base import AnomalyMethod, AnomalyOutput
 from .registry import register_method
+from .text_features import cached_text_features
 
 LOGIT_SCALE = 100.0
 HSF_ALPHA = 0.2
@@ -105,6 +108,7 @@ class AdaCLIP(AnomalyMethod):
     options = {
         "layers": None, "object_name": "brain", "prompting_depth": 4, "prompting_length": 5,
         "prompting_branch": "VL", "prompting_type": "SD", "use_hsf": True, "k_clusters": 20,
+        "hsf": "fast",
     }
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
@@ -160,6 +164,10 @@ class AdaCLIP(AnomalyMethod):
             raise InputError(f"adaclip option prompting_length={self.prompting_length} does not fit the text context")
         self.use_hsf = _as_bool(self.config["use_hsf"], "use_hsf")
         self.k_clusters = _as_int(self.config["k_clusters"], "k_clusters", 1)
+        self.hsf_mode = str(self.config["hsf"]).lower()
+        if self.hsf_mode not in HSF_MODES:
+            raise InputError(f"adaclip option hsf={self.config['hsf']!r} is invalid; use 'exact' (scikit-learn, official) or 'fast' (torch on the device)")
+        self.config["hsf"] = self.hsf_mode
         object_name = self.config["object_name"]
         if not isinstance(object_name, str) or not object_name.strip():
             raise InputError(f"adaclip option object_name={object_name!r} is invalid; give the object's name, e.g. 'brain'")
@@ -191,7 +199,11 @@ class AdaCLIP(AnomalyMethod):
             key = (str(self.device), object_name)
             if key not in self._text_cache:
                 with torch.no_grad():
-                    self._text_cache = {key: state_text_features(self.clip, tokenizer, object_name, None)}
+                    features = cached_text_features(
+                        self.clip, self.name, {"sentences": prompt_sentences(object_name)},
+                        lambda: {"text": state_text_features(self.clip, tokenizer, object_name, None)[0]},
+                    )
+                self._text_cache = {key: features["text"][None]}
             return self._text_cache[key].expand(batch, -1, -1)
         groups = batch if self.text_prompter.use_dynamic else 1
         contexts = self.text_prompter.contexts(dynamic, groups)
@@ -227,20 +239,27 @@ class AdaCLIP(AnomalyMethod):
         batch = images.shape[0]
         dynamic_visual = dynamic_text = None
         if self.visual_prompter.use_dynamic or self.text_prompter.use_dynamic:
-            with torch.no_grad():  # official: the generators' input carries no gradient
+            with torch.no_grad(), self.backbone_autocast():  # official: the generators' input carries no gradient
                 plain = self.plain_image_features(images)
-            if self.visual_prompter.use_dynamic:
-                dynamic_visual = self.dynamic_visual_prompt_generator.stacked(plain)
-            if self.text_prompter.use_dynamic:
-                dynamic_text = self.dynamic_text_prompt_generator.stacked(plain)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.visual_prompter.enabled):
+            with self.head_fp32():
+                plain = plain.float()
+                if self.visual_prompter.use_dynamic:
+                    dynamic_visual = self.dynamic_visual_prompt_generator.stacked(plain)
+                if self.text_prompter.use_dynamic:
+                    dynamic_text = self.dynamic_text_prompt_generator.stacked(plain)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.visual_prompter.enabled), self.backbone_autocast():
             pooled, tapped = self.encode_image(images, dynamic_visual)
+        with self.head_fp32():
+            return self._head_details(pooled.float(), [t.float() for t in tapped], dynamic_text, batch)
+
+    def _head_details(self, pooled: torch.Tensor, tapped: list[torch.Tensor], dynamic_text: torch.Tensor | None, batch: int) -> AdaCLIPDetails:
+        """Text features, projections, HSF, logits and maps in fp32 (autocast off)."""
         text = self.text_features(dynamic_text, batch).to(pooled.dtype)
         patches = [F.normalize(t, dim=-1) for t in self.patch_token_layer.per_layer(tapped)]
         image = F.normalize(self.cls_token_layer.head[0](pooled), dim=-1)
         layer_logits = [LOGIT_SCALE * p @ text for p in patches]
         if self.use_hsf:
-            fused = hybrid_semantic_fusion(patches, layer_logits, self.k_clusters)
+            fused = hybrid_semantic_fusion(patches, layer_logits, self.k_clusters, self.hsf_mode)
             image = F.normalize(HSF_ALPHA * fused + (1 - HSF_ALPHA) * image, dim=1)
         image_probs = (LOGIT_SCALE * image.unsqueeze(1) @ text).squeeze(1).softmax(dim=1)
         stacked = torch.stack(layer_logits, dim=1)  # (B, n_layers, L, 2)

@@ -121,10 +121,15 @@ class AnomalyCLIP(AnomalyMethod):
     @torch.no_grad()
     def tap_tokens(self, images: torch.Tensor) -> VisualOutputs:
         """Frozen visual outputs (projected V-V tokens of the tapped layers, image feature)."""
-        return dpam_visual_outputs(self.clip.visual, images.to(self.device), self.layers, self.n_dpam)
+        with self.backbone_autocast():
+            return dpam_visual_outputs(self.clip.visual, images.to(self.device), self.layers, self.n_dpam)
 
     def head_details(self, visual: VisualOutputs) -> HeadDetails:
-        """Maps, scores, per-layer probabilities and image logits from cached visual outputs."""
+        """Maps, scores, per-layer probabilities and image logits from cached visual outputs (fp32, autocast off)."""
+        with self.head_fp32():
+            return self._head_details(visual)
+
+    def _head_details(self, visual: VisualOutputs) -> HeadDetails:
         text = self.text_features()
         tokens = visual.tokens.float()
         tokens = tokens / tokens.norm(dim=-1, keepdim=True)

@@ -89,10 +89,15 @@ def encode_learned_text(
     """Text features (n, embed_dim) of prompt embeddings, with deep prompts in layers 1..len(deep_prompts).
 
     Mirrors the official ``encode_text_learn``: causal mask, ``ln_final``, projection of the EOT token.
+    The sequence is cut after the last EOT (and the deep-prompt slots): exact by the causal mask,
+    a fraction of the full 77-token work (the EOT of ``X * 12 damaged object.`` is token 16).
     """
     transformer = clip.transformer
     batch_first = getattr(transformer, "batch_first", True)
-    x = prompts + clip.positional_embedding.to(prompts.dtype)
+    eot = tokenized.argmax(dim=-1)
+    n_pos = max([int(eot.max()) + 1] + [1 + p.shape[0] for p in deep_prompts])
+    prompts, mask = prompts[:, :n_pos], clip.attn_mask[:n_pos, :n_pos]
+    x = prompts + clip.positional_embedding[:n_pos].to(prompts.dtype)
     used = 0
     for index, block in enumerate(transformer.resblocks):
         if index > 0 and used < len(deep_prompts):
@@ -102,10 +107,10 @@ def encode_learned_text(
             x = torch.cat([x[:, :1], context, x[:, 1 + deep.shape[0]:]], dim=1)
             used += 1
         if batch_first:
-            x = block(x, attn_mask=clip.attn_mask)
+            x = block(x, attn_mask=mask)
         else:
-            x = block(x.transpose(0, 1), attn_mask=clip.attn_mask).transpose(0, 1)
+            x = block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
     x = clip.ln_final(x)
-    pooled = x[torch.arange(x.shape[0], device=x.device), tokenized.argmax(dim=-1)]
+    pooled = x[torch.arange(x.shape[0], device=x.device), eot]
     projection = clip.text_projection
     return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection

@@ -25,11 +25,14 @@ import torch.nn.functional as F
 from ..backbones import Backbone, resize_positional_embedding
 from ..errors import InputError
 from .anovl_attention import encode_visual
-from .anovl_prompts import encode_state_prompts
-from .anovl_tta import StateAdapter, adapt_tokens, augment_views, state_probabilities
+from .anovl_prompts import STATE_ABNORMAL, STATE_NORMAL, encode_state_prompts, state_sentences
+from .anovl_tta import StateAdapter, adapt_tokens, augment_view_batch, state_probabilities, view_order
 from .base import AnomalyMethod, AnomalyOutput
 from .registry import register_method
+from .text_features import cached_text_features
 
+MAX_VIEWS_PER_FORWARD = 176
+"""Bound on augmented views per backbone forward (8 slices x 22 views; ~1.5 GB of activations on ViT-B/16+)."""
 MAP_ENTRY = 6
 """The official map reads ``patch_tokens_ln[6]``: it needs at least 4 tapped layers (2 entries each)."""
 
@@ -43,6 +46,7 @@ class AnoVL(AnomalyMethod):
     default_layers = (3, 6, 9, 12)
     default_sigma = 0.0
     quick_gelu = False
+    official_fp32 = True
     options = {"layers": None, "object_name": "brain", "tta": False, "tta_epochs": 5, "tta_lr": 0.001, "seed": 111}
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
@@ -73,7 +77,14 @@ class AnoVL(AnomalyMethod):
         """Cached ``(text (E, 2), sentences (2 * S, E))`` of the state prompts for ``object_name``."""
         device = self.device
         if self._text_cache is None or self._text_cache[0].device != device:
-            self._text_cache = encode_state_prompts(self.clip, self.backbone.tokenizer, self.object_name, device)
+            def compute() -> dict[str, torch.Tensor]:
+                text, sentences = encode_state_prompts(self.clip, self.backbone.tokenizer, self.object_name, device)
+                return {"text": text, "sentences": sentences}
+
+            payload = {"normal": state_sentences(self.object_name, STATE_NORMAL),
+                       "abnormal": state_sentences(self.object_name, STATE_ABNORMAL)}
+            cached = cached_text_features(self.clip, self.name, payload, compute)
+            self._text_cache = (cached["text"], cached["sentences"])
         return self._text_cache
 
     def on_weights_loaded(self) -> None:
@@ -83,15 +94,30 @@ class AnoVL(AnomalyMethod):
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
 
-    def image_scores(self, images: torch.Tensor) -> torch.Tensor:
-        """(B,) mean abnormal probability of the CLS feature over each image's 22 augmented views."""
+    def image_scores(self, images: torch.Tensor, original_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) mean abnormal probability of the CLS feature over each image's 22 augmented views.
+
+        All slices x views of a batch run together, :data:`MAX_VIEWS_PER_FORWARD` per forward.
+
+        Args:
+            images: (B, 3, H, W).
+            original_features: (B, E) CLS features of the un-augmented images when already computed
+                (the map's pass gives them): the original view is then not run again.
+        """
         text, _ = self.text_features()
-        scores = []
-        for image in images.split(1):
-            views = augment_views(image, self._generator())
-            features = encode_visual(self.clip.visual, views, value_value=False).image_features
-            scores.append(state_probabilities(features, text)[:, 1].mean())
-        return torch.stack(scores)
+        order = view_order(self._generator())
+        views = augment_view_batch(images, order)  # (B, 22, 3, H, W), the same order for every image
+        slot = int((order == 0).nonzero()[0, 0])  # position of the original view (CPU tensor: no device sync)
+        keep = [i for i in range(order.numel()) if original_features is None or i != slot]
+        flat = views[:, keep].reshape(-1, *views.shape[2:])
+        with self.backbone_autocast():
+            encoded = [encode_visual(self.clip.visual, chunk, value_value=False).image_features
+                       for chunk in flat.split(MAX_VIEWS_PER_FORWARD)]
+        features = torch.cat(encoded).float().reshape(images.shape[0], len(keep), -1)
+        if original_features is not None:
+            original = original_features.float()[:, None]
+            features = torch.cat([features[:, :slot], original, features[:, slot:]], dim=1)
+        return state_probabilities(features, text)[..., 1].mean(dim=1)
 
     def _adapted(self, grid_tokens: torch.Tensor) -> torch.Tensor:
         """Per image: test-time adaptation of (B, h, w, E) tokens (each image on its own)."""
@@ -124,13 +150,14 @@ class AnoVL(AnomalyMethod):
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         """Maps and scores; the backbone is frozen and the adapter (if any) is fitted per image.
 
-        The official test runs in float32 without autocast, so autocast is switched off here.
+        The official test runs in float32 without autocast, so autocast is switched off here (the
+        frozen backbone runs in bf16 only when the method's precision says so; the rest stays fp32).
         """
         with torch.autocast(images.device.type, enabled=False):
             images = images.float()
+            with torch.no_grad(), self.backbone_autocast():
+                visual = encode_visual(self.clip.visual, images)
+            maps = self.anomaly_maps(visual.patch_tokens.float())
             with torch.no_grad():
-                tokens = encode_visual(self.clip.visual, images).patch_tokens
-            maps = self.anomaly_maps(tokens)
-            with torch.no_grad():
-                scores = self.image_scores(images)
+                scores = self.image_scores(images, visual.image_features)
         return AnomalyOutput(maps=maps, scores=scores, map_max=self.map_max)

@@ -43,9 +43,10 @@ class VisualTokens(NamedTuple):
 def dual_attention(block: nn.Module, x: torch.Tensor, value_value: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Original and V-V attention outputs of ``x`` (B, N, width), both through ``out_proj``.
 
-    Matches the official ``Attention``: logits are ``(a @ b^T) * head_dim**-0.5`` (scale after the
-    product). Its original path normalises with ``exp / sum`` (no max shift); ``torch.softmax`` is
-    the same function up to float rounding (~1e-7) and cannot overflow, so we use it.
+    Matches the official ``Attention``: logits are ``(a @ b^T) * head_dim**-0.5``, softmax, times v.
+    Both paths run through ``F.scaled_dot_product_attention`` (fused, no (N, N) matrix kept), the
+    same function up to float rounding (~1e-7; the official scales after the product and normalises
+    its original path with ``exp / sum`` without a max shift, which SDPA's softmax cannot overflow).
 
     Returns:
         ``(original, value_value)``; the second is None when ``value_value`` is False.
@@ -57,14 +58,14 @@ def dual_attention(block: nn.Module, x: torch.Tensor, value_value: bool = True) 
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.reshape(batch, n_tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def merge(weights: torch.Tensor) -> torch.Tensor:
-        out = (weights @ v).transpose(1, 2).reshape(batch, n_tokens, width)
-        return attn.out_proj(out)
+    def merge(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(query, key, v, scale=scale)
+        return attn.out_proj(out.transpose(1, 2).reshape(batch, n_tokens, width))
 
-    original = merge(torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1))
+    original = merge(q, k)
     if not value_value:
         return original, None
-    return original, merge(torch.softmax((v @ v.transpose(-2, -1)) * scale, dim=-1))
+    return original, merge(v, v)
 
 
 def encode_visual(visual: nn.Module, images: torch.Tensor, value_value: bool = True) -> VisualTokens:

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .text_features import encode_sentences
+
 STATE_NORMAL: tuple[str, ...] = (
     "normal {}", "flawless {}", "perfect {}", "unblemished {}",
     "{} without flaw", "{} without defect", "{} without damage",
@@ -83,9 +85,10 @@ def encode_state_prompts(
         sentence embeddings, normal side first (what the official ``TextAdapter`` concatenates).
     """
     sides, per_sentence = [], []
-    for states in (STATE_NORMAL, STATE_ABNORMAL):
-        tokens = tokenizer(state_sentences(object_name, states)).to(device)
-        embeddings = clip.encode_text(tokens).float()
+    normal, abnormal = state_sentences(object_name, STATE_NORMAL), state_sentences(object_name, STATE_ABNORMAL)
+    # Both sides in one batched, EOT-truncated pass (exact: the text tower is causal).
+    encoded = encode_sentences(clip, tokenizer, normal + abnormal).to(device)
+    for embeddings in (encoded[: len(normal)], encoded[len(normal):]):
         mean = embeddings.mean(dim=0)  # official: mean BEFORE the per-sentence normalisation
         sides.append(mean / mean.norm())
         per_sentence.append(embeddings / embeddings.norm(dim=-1, keepdim=True))

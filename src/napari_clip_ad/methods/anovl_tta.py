@@ -27,24 +27,40 @@ NOISE_STD = 0.05 * 1.1 ** 1
 
 
 def _affine(image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    grid = F.affine_grid(theta[None].to(image.device), list(image.shape), align_corners=True)
+    theta = theta[None].to(image.device, image.dtype).expand(image.shape[0], -1, -1)
+    grid = F.affine_grid(theta, list(image.shape), align_corners=True)
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
 
 
 def augment_views(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The official ``aug``: the image plus 21 transformed copies, in a seeded random order.
+    """The official ``aug`` of one image: (1, 3, H, W) -> (22, 3, H, W); see :func:`augment_view_batch`."""
+    return augment_view_batch(image, torch.randperm(22, generator=generator))[0]
+
+
+def view_order(generator: torch.Generator) -> torch.Tensor:
+    """The seeded shuffle of the 22 views (``torch.randperm``), position -> view (view 0: the original)."""
+    return torch.randperm(22, generator=generator)
+
+
+def augment_view_batch(images: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The official ``aug`` for a batch: each image plus 21 transformed copies, in the order ``order``.
 
     Views: original; 8 rotations by +-pi/16 .. +-pi/4 and 8 shifts by +-0.1 / +-0.2 (affine grids,
     bilinear, reflection padding, align_corners=True); horizontal flip; greyscale; 90/180/270-degree
     turns (kornia ``rotate`` there; ``torch.rot90`` here, identical up to ~1e-5 px of sampling error).
 
+    Every image of the batch gets the same views in the same order (the official seeded stream
+    restarts per image here, so the shuffle is the same for each); per image the result equals the
+    one-image call exactly (grid sampling has no cross-batch interaction).
+
     Args:
-        image: (1, 3, H, W) CLIP-normalised slice.
-        generator: CPU generator for the final shuffle (``torch.randperm``).
+        images: (B, 3, H, W) CLIP-normalised slices.
+        order: (22,) shuffle from :func:`view_order`.
 
     Returns:
-        (22, 3, H, W).
+        (B, 22, 3, H, W).
     """
+    image = images
     views = [image]
     for angle in ROTATIONS:
         t = torch.tensor(angle)  # float32 angle, cos/sin in float32, as the official get_rot_mat
@@ -57,8 +73,8 @@ def augment_views(image: torch.Tensor, generator: torch.Generator) -> torch.Tens
     r, g, b = image[:, 0:1], image[:, 1:2], image[:, 2:3]
     views.append((GREY_WEIGHTS[0] * r + GREY_WEIGHTS[1] * g + GREY_WEIGHTS[2] * b).repeat(1, 3, 1, 1))
     views.extend(torch.rot90(image, k, dims=(-2, -1)) for k in (1, 2, 3))
-    stacked = torch.cat(views, dim=0)
-    return stacked[torch.randperm(stacked.shape[0], generator=generator).to(stacked.device)]
+    stacked = torch.stack(views, dim=1)
+    return stacked[:, order.to(stacked.device)]
 
 
 class StateAdapter(nn.Module):

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..errors import InputError, WeightsError
+from . import precision as _precision
 
 
 @dataclass
@@ -53,6 +54,8 @@ class AnomalyMethod(nn.Module):
     """False for model-free methods (the ``intensity`` baseline): ``build_method`` loads no backbone."""
     volume_level: ClassVar[bool] = False
     """True when the method scores whole volumes (``volume_map``) instead of batches of slices."""
+    official_fp32: ClassVar[bool] = False
+    """The official test runs in fp32 even on a GPU (then precision None keeps fp32 on CUDA too)."""
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
         super().__init__()
@@ -63,6 +66,8 @@ class AnomalyMethod(nn.Module):
         self.backbone = backbone
         self.clip = backbone.model
         self.image_size = int(image_size)
+        self.precision = "fp32"
+        """Resolved precision of the frozen visual tower: 'fp32', 'bf16' (weights cast) or 'fp16' (CUDA autocast)."""
 
     # --- layers -----------------------------------------------------------------------------
     def resolve_layers(self, layers: tuple[int, ...] | list[int] | None) -> list[int]:
@@ -159,6 +164,36 @@ class AnomalyMethod(nn.Module):
         """Number of reference images in the memory bank (0: zero-shot)."""
         return 0
 
+    # --- precision --------------------------------------------------------------------------
+    def set_precision(self, precision: str | None) -> str:
+        """Resolve and apply the backbone precision (see :mod:`.precision`); casts weights once.
+
+        Args:
+            precision: 'auto', 'fp32', 'bf16', or None (fp32 on the CPU, autocast on CUDA).
+
+        Returns:
+            The resolved precision ('fp32', 'bf16' or 'fp16').
+
+        Raises:
+            InputError: Unknown or unsupported precision, or a bf16 model asked to go back to fp32.
+        """
+        resolved = _precision.resolve_precision(precision, self.device, self.clip.visual, self.official_fp32)
+        if resolved == self.precision:
+            return resolved
+        if self.precision == "bf16":
+            raise InputError(f"method {self.name!r} was built with bf16 backbone weights; rebuild it with precision {resolved} (fp32 weights are not kept)")
+        _precision.cast_visual(self.clip.visual, resolved)
+        self.precision = resolved
+        return resolved
+
+    def backbone_autocast(self):  # noqa: ANN201 - a context manager
+        """Context for frozen-backbone computations: autocast in the method's low precision, else unchanged."""
+        return _precision.backbone_autocast(self.device, self.precision)
+
+    def head_fp32(self):  # noqa: ANN201 - a context manager
+        """Context for heads, logits, softmax and interpolation: autocast off (fp32)."""
+        return _precision.head_fp32(self.device)
+
     # --- inference --------------------------------------------------------------------------
     @property
     def map_max(self) -> float:
@@ -185,12 +220,13 @@ class AnomalyMethod(nn.Module):
             raise InputError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise InputError(f"images are {tuple(images.shape[-2:])} px but the method was built for {self.image_size} px")
-        was_training = self.training
+        if not self.training:  # the engine sets eval once per volume: no per-batch walk over ~400 modules
+            return self(images.to(self.device))
         self.eval()
         try:
             return self(images.to(self.device))
         finally:
-            self.train(was_training)
+            self.train(True)
 
     def describe(self) -> dict[str, Any]:
         """Provenance for outputs: method, backbone (labelled 'random weights' where so), size, options."""
@@ -200,6 +236,7 @@ class AnomalyMethod(nn.Module):
             "backbone_arch": self.backbone.arch,
             "random_weights": self.backbone.random_weights,
             "image_size": self.image_size,
+            "precision": self.precision,
             "options": {k: v for k, v in self.config.items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))},
             **({"layers_from": self.layers_origin} if getattr(self, "layers_origin", None) else {}),
         }

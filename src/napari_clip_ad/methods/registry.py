@@ -66,6 +66,7 @@ def build_method(
     image_size: int = 240,
     device: str | torch.device = "auto",
     init_seed: int = 0,
+    precision: str | None = None,
     **options: Any,
 ) -> AnomalyMethod:
     """Build a ready-to-predict method.
@@ -80,6 +81,9 @@ def build_method(
         device: "auto", "cpu", "cuda", ...
         init_seed: Seed of the random initialisation of trainable parts (so untrained or
             from-scratch methods are reproducible); the global RNG is left untouched.
+        precision: Frozen-backbone precision: 'auto' (bf16 where the CPU/GPU runs it natively and it
+            pays, see :mod:`.precision`), 'fp32' (parity), 'bf16'; None keeps the long-standing default
+            (fp32 on the CPU, bf16/fp16 autocast on CUDA). Heads and text stay fp32.
         **options: Method options (e.g. ``layers``, ``object_name``).
 
     Returns:
@@ -116,7 +120,9 @@ def build_method(
 
         method.layers_origin = origin
         load_method_weights(method, loaded)
-    return method.to(target).eval()
+    method = method.to(target).eval()
+    method.set_precision(precision)
+    return method
 
 
 def _n_blocks(backbone: Backbone) -> int:

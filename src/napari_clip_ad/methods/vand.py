@@ -18,7 +18,8 @@ Official reference: ByChelsea/VAND-APRIL-GAN (commit f13b8a6): ``test.py`` (zero
 
 At 240 px the official code rebuilds ViT-L-14-336 from its JSON config, which has no quick_gelu
 flag: the OpenAI weights then run with exact GELU (``quick_gelu = False``). The official test runs
-under CUDA autocast (fp16); this module computes in the backbone's dtype (float32 on CPU).
+under CUDA autocast (fp16); here the frozen backbone runs in the method's precision (fp32, or bf16
+where chosen) and the head (adapters, logits, resize, softmax) always in fp32.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from ..backbones import Backbone, resize_positional_embedding
 from ..errors import InputError, WeightsError
 from .base import AnomalyMethod, AnomalyOutput
 from .registry import register_method
-from .vand_prompts import encode_state_text
+from .text_features import cached_text_features
+from .vand_prompts import encode_state_text, prompt_sentences
 
 LOGIT_SCALE = 100.0
 """test.py / train.py: ``100.0 * features @ text_features``."""
@@ -127,10 +129,15 @@ class VAND(AnomalyMethod):
 
     # --- text --------------------------------------------------------------------------------
     def text_features(self) -> torch.Tensor:
-        """Normalised (normal, abnormal) text features (2, E), computed once per device."""
+        """Normalised (normal, abnormal) text features (2, E), fp32, computed once (disk-cached across processes)."""
         key = str(self.device)
         if key not in self._text_cache:
-            self._text_cache = {key: encode_state_text(self.clip, self.backbone.tokenizer, self.config["object_name"])}
+            name = self.config["object_name"]
+            features = cached_text_features(
+                self.clip, self.name, {"sentences": prompt_sentences(name)},
+                lambda: {"text": encode_state_text(self.clip, self.backbone.tokenizer, name)},
+            )
+            self._text_cache = {key: features["text"]}
         return self._text_cache[key]
 
     # --- visual + head -----------------------------------------------------------------------
@@ -138,14 +145,19 @@ class VAND(AnomalyMethod):
     def tap_tokens(self, images: torch.Tensor) -> VandTapped:
         """Frozen visual outputs (raw tapped tokens without CLS, image feature) in one backbone pass."""
         visual = self.clip.visual
-        out = visual.forward_intermediates(
-            images.to(self.device), indices=[i - 1 for i in self.layers], output_fmt="NLC", intermediates_only=False
-        )
+        with self.backbone_autocast():
+            out = visual.forward_intermediates(
+                images.to(self.device), indices=[i - 1 for i in self.layers], output_fmt="NLC", intermediates_only=False
+            )
         tokens = torch.stack(out["image_intermediates"], dim=1)
         return VandTapped(tokens, out["image_features"])
 
     def head_details(self, tapped: VandTapped | torch.Tensor, image_features: torch.Tensor | None = None) -> HeadDetails:
-        """Maps, scores and per-layer probabilities from (possibly cached) tapped tokens."""
+        """Maps, scores and per-layer probabilities from (possibly cached) tapped tokens (fp32, autocast off)."""
+        with self.head_fp32():
+            return self._head_details(tapped, image_features)
+
+    def _head_details(self, tapped: VandTapped | torch.Tensor, image_features: torch.Tensor | None) -> HeadDetails:
         tokens, image = tapped if image_features is None else (tapped, image_features)
         text = self.text_features()
         adapted = self.linear(tokens.to(self.linear.fc[0].weight.dtype))

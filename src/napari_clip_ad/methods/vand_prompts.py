@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .text_features import encode_sentences
+
 NORMAL_STATES: tuple[str, ...] = (
     "{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect", "{} without damage",
 )
@@ -48,11 +50,12 @@ def encode_state_text(clip: nn.Module, tokenizer: Callable[..., torch.Tensor], o
         tokenizer: The model's tokenizer.
         object_name: Word filling the prompts (the official code uses the class name).
     """
-    device = next(clip.parameters()).device
+    normal, abnormal = prompt_sentences(object_name)
+    # Both states in one batched, EOT-truncated pass (same features as the official per-state calls).
+    embedded = encode_sentences(clip, tokenizer, normal + abnormal)
+    embedded = embedded / embedded.norm(dim=-1, keepdim=True)
     features = []
-    for sentences in prompt_sentences(object_name):
-        embedded = clip.encode_text(tokenizer(sentences).to(device)).float()
-        embedded = embedded / embedded.norm(dim=-1, keepdim=True)
-        mean = embedded.mean(dim=0)
+    for part in (embedded[: len(normal)], embedded[len(normal):]):
+        mean = part.mean(dim=0)
         features.append(mean / mean.norm())
     return torch.stack(features)

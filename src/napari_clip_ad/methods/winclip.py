@@ -36,6 +36,7 @@ from ..backbones import Backbone, grid_for, resize_positional_embedding
 from ..errors import InputError, WeightsError
 from .base import AnomalyMethod, AnomalyOutput
 from .registry import register_method
+from .text_features import cached_text_features, encode_sentences
 from .winclip_prompts import compositional_prompts
 
 TEMPERATURE = 0.07
@@ -144,10 +145,16 @@ class WinCLIP(AnomalyMethod):
         """(2, D) L2-normalised (normal, anomalous) ensemble embeddings, computed once in fp32."""
         if self._text_cache is None:
             normal, anomalous = compositional_prompts(self.config["object_name"])
-            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-                means = [self.clip.encode_text(self.backbone.tokenizer(p).to(self.device)).float().mean(dim=0) for p in (normal, anomalous)]
-            # anomalib stores the unnormalised means and normalises them in every cosine similarity.
-            self._text_cache = F.normalize(torch.stack(means), dim=-1)
+
+            def compute() -> dict[str, torch.Tensor]:
+                # One batched, EOT-truncated pass over both sides (exact: the text tower is causal).
+                embedded = encode_sentences(self.clip, self.backbone.tokenizer, normal + anomalous)
+                means = [embedded[: len(normal)].mean(dim=0), embedded[len(normal):].mean(dim=0)]
+                # anomalib stores the unnormalised means and normalises them in every cosine similarity.
+                return {"text": F.normalize(torch.stack(means), dim=-1)}
+
+            payload = {"normal": normal, "anomalous": anomalous}
+            self._text_cache = cached_text_features(self.clip, self.name, payload, compute)["text"]
         return self._text_cache.to(self.device)
 
     def on_weights_loaded(self) -> None:
@@ -209,8 +216,11 @@ class WinCLIP(AnomalyMethod):
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         """Anomalous-probability maps (B, H, W) in [0, 1] and image scores (B,)."""
-        image_embeddings, window_embeddings = self.encode(images)
-        image_scores = anomalous_probability(image_embeddings, self.text_features)
-        patch_maps = self.patch_scores(image_scores, window_embeddings)
-        maps = F.interpolate(patch_maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        with self.backbone_autocast():
+            image_embeddings, window_embeddings = self.encode(images)
+        with self.head_fp32():
+            image_embeddings, window_embeddings = image_embeddings.float(), [w.float() for w in window_embeddings]
+            image_scores = anomalous_probability(image_embeddings, self.text_features)
+            patch_maps = self.patch_scores(image_scores, window_embeddings)
+            maps = F.interpolate(patch_maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return AnomalyOutput(maps=maps, scores=image_scores, map_max=self.map_max)
