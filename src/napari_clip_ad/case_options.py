@@ -106,6 +106,9 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
                "drop 26-connected mask components smaller than this many voxels; 0 = keep all"),
     OptionSpec("threshold", "--threshold", "threshold", "mask threshold on the [0, 1] map (voxel positive if >=)"),
     OptionSpec("batch_size", "--batch-size", "batch size", "slices per forward pass (default: 16 on a GPU, 8 on the CPU)"),
+    OptionSpec("precision", "--precision", "precision",
+               "frozen backbone precision: auto (bf16 where the CPU/GPU supports it and it is faster), fp32, bf16",
+               ("auto", "fp32", "bf16")),
 )
 """Every pipeline option, in the order the CLI and the widget show them."""
 
@@ -124,6 +127,8 @@ class CaseOptions:
         min_component: Smallest 26-connected mask component kept (voxels); 0 = all.
         threshold: Mask threshold on the [0, 1] map.
         batch_size: Slices per forward pass; None = the engine's default for the device.
+        precision: Frozen-backbone precision: 'auto' (bf16 where the hardware runs it natively and the model is
+            wide enough, see :mod:`napari_clip_ad.methods.precision`), 'fp32', 'bf16'; None = the method's as built.
     """
 
     modality: str = "t2w"
@@ -135,6 +140,7 @@ class CaseOptions:
     min_component: int = 0
     threshold: float = 0.5
     batch_size: int | None = None
+    precision: str | None = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modality", "+".join(parse_modality(self.modality)))
@@ -147,6 +153,8 @@ class CaseOptions:
             raise InputError(f"--sigma {self.sigma:g}: give a finite number >= 0 (0 = no smoothing)" if isinstance(self.sigma, (int, float)) else f"--sigma {self.sigma!r}: give a number >= 0")
         if not math.isfinite(self.smooth3d_mm):
             raise InputError(f"--smooth3d {self.smooth3d_mm}: give a finite sigma in mm >= 0 (0 = no smoothing)")
+        if self.precision is not None and self.precision not in ("auto", "fp32", "bf16"):
+            raise InputError(f"--precision {self.precision!r}: use auto, fp32 or bf16")
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise InputError(f"--batch-size {self.batch_size!r}: give a whole number >= 1")
 

@@ -72,7 +72,7 @@ def run_case(
     """
     options = options or CaseOptions()
     anomaly_map, info, results = run_views(case, method, options.post, modality=options.modalities,
-                                           batch_size=options.batch_size, sigma=options.sigma,
+                                           batch_size=options.batch_size, sigma=options.sigma, precision=options.precision,
                                            progress_for=progress_for, cancel=cancel)
     anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
     mask = threshold_mask(anomaly_map, options.threshold, options.min_component)

@@ -149,7 +149,7 @@ def run_volume(
         batch_size = default_batch_size(device)
     if isinstance(batch_size, str) or batch_size < 1:
         raise InputError(f"batch size must be at least 1 or 'auto', got {batch_size!r}")
-    if precision is not None:
+    if precision is not None and not method.volume_level:  # model-free methods have no backbone to cast
         method.set_precision(precision)
     sigma = method.default_sigma if sigma is None else float(sigma)
     check_sigma(sigma)
