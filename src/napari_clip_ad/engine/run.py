@@ -82,15 +82,19 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _predict_batch(method: AnomalyMethod, raw: torch.Tensor, out_hw: tuple[int, int], sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _predict_batch(
+    method: AnomalyMethod, raw: torch.Tensor, out_hw: tuple[int, int], sigma: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     images = preprocess_slices(raw, method.image_size, method.backbone.mean, method.backbone.std)
     with _autocast(images.device):
-        output = method.predict(images)
+        # Per-image scores: set-level scores (method.set_scores) are combined over the whole volume.
+        output = method.predict(images, over_set=False)
+    peaks = output.maps.float().flatten(1).amax(dim=1)
     maps = output.unit_maps().float()
     maps = smooth_maps(maps, sigma)
     if tuple(maps.shape[-2:]) != out_hw:
         maps = F.interpolate(maps[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
-    return maps.clamp_(0.0, 1.0), output.scores.float()
+    return maps.clamp_(0.0, 1.0), output.scores.float(), peaks
 
 
 def run_volume(
@@ -138,6 +142,7 @@ def run_volume(
     out_hw = tuple(brain_slices.shape[1:])
     maps = np.zeros((n_slices, *out_hw), dtype=np.float32)
     scores = np.zeros(n_slices, dtype=np.float32)
+    peaks = np.zeros(n_slices, dtype=np.float32)
     device = method.device
     done, start, size = 0, 0, int(batch_size)
     if progress:
@@ -148,7 +153,7 @@ def run_volume(
         index = todo[start : start + size]
         raw = torch.from_numpy(np.ascontiguousarray(stack[index], dtype=np.float32)).to(device, non_blocking=True)
         try:
-            batch_maps, batch_scores = _predict_batch(method, raw, out_hw, sigma)
+            batch_maps, batch_scores, batch_peaks = _predict_batch(method, raw, out_hw, sigma)
         except torch.cuda.OutOfMemoryError:
             if size == 1:
                 raise
@@ -157,10 +162,13 @@ def run_volume(
             continue
         maps[index] = batch_maps.cpu().numpy()
         scores[index] = batch_scores.cpu().numpy()
+        peaks[index] = batch_peaks.cpu().numpy()
         start += len(index)
         done += len(index)
         if progress:
             progress(done, len(todo))
+    if len(todo):
+        scores[todo] = method.set_scores(torch.from_numpy(scores[todo]), torch.from_numpy(peaks[todo])).numpy()
     anomaly_map = np.ascontiguousarray(np.moveaxis(maps, 0, ax))
     info = {
         **method.describe(),

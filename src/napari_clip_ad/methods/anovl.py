@@ -26,6 +26,7 @@ from ..backbones import Backbone, resize_positional_embedding
 from ..errors import InputError
 from .anovl_attention import encode_visual
 from .anovl_prompts import encode_state_prompts
+from .prompt_sets import load_prompt_set, resolve_object_name
 from .anovl_tta import StateAdapter, adapt_tokens, augment_views, state_probabilities
 from .base import AnomalyMethod, AnomalyOutput
 from .registry import register_method
@@ -43,7 +44,8 @@ class AnoVL(AnomalyMethod):
     default_layers = (3, 6, 9, 12)
     default_sigma = 0.0
     quick_gelu = False
-    options = {"layers": None, "object_name": "brain", "tta": False, "tta_epochs": 5, "tta_lr": 0.001, "seed": 111}
+    options = {"layers": None, "object_name": "brain", "tta": False, "tta_epochs": 5, "tta_lr": 0.001, "seed": 111,
+               "prompts": "industrial"}
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
         super().__init__(backbone, image_size=image_size, **options)
@@ -56,7 +58,10 @@ class AnoVL(AnomalyMethod):
                 f"anovl needs at least 4 tapped layers (its map reads entry {MAP_ENTRY} of the tapped-token list), "
                 f"got {self.layers}; the map is the final V-V state whichever layers are tapped"
             )
-        self.object_name = str(self.config["object_name"]).strip()
+        # Prompt set (prompt_sets.py): "industrial" keeps the official lists; others swap the words only.
+        self.prompt_set = load_prompt_set(self.config["prompts"])
+        self.config["prompts"] = str(self.config["prompts"])
+        self.object_name = str(resolve_object_name(self.prompt_set, self.config["object_name"], "object_name" in options)).strip()
         if not self.object_name:
             raise InputError("anovl option object_name is empty; pass the imaged object, e.g. 'brain'")
         self.tta = bool(self.config["tta"])
@@ -73,7 +78,8 @@ class AnoVL(AnomalyMethod):
         """Cached ``(text (E, 2), sentences (2 * S, E))`` of the state prompts for ``object_name``."""
         device = self.device
         if self._text_cache is None or self._text_cache[0].device != device:
-            self._text_cache = encode_state_prompts(self.clip, self.backbone.tokenizer, self.object_name, device)
+            self._text_cache = encode_state_prompts(
+                self.clip, self.backbone.tokenizer, self.object_name, device, self.prompt_set)
         return self._text_cache
 
     def on_weights_loaded(self) -> None:
