@@ -46,6 +46,7 @@ from ..errors import InputError, WeightsError
 from .adaclip_hsf import hybrid_semantic_fusion
 from .adaclip_prompts import ProjectLayer, PromptLayer, run_block, state_text_features
 from .base import AnomalyMethod, AnomalyOutput
+from .prompt_sets import load_prompt_set, resolve_object_name
 from .registry import register_method
 
 LOGIT_SCALE = 100.0
@@ -104,10 +105,12 @@ class AdaCLIP(AnomalyMethod):
     options = {
         "layers": None, "object_name": "brain", "prompting_depth": 4, "prompting_length": 5,
         "prompting_branch": "VL", "prompting_type": "SD", "use_hsf": True, "k_clusters": 20,
+        "prompts": "industrial",
     }
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
         super().__init__(backbone, image_size=image_size, **options)
+        self._explicit_object_name = "object_name" in options
         for attribute in ("token_embedding", "transformer", "ln_final", "text_projection", "attn_mask"):
             if getattr(self.clip, attribute, None) is None:
                 raise WeightsError(
@@ -159,7 +162,11 @@ class AdaCLIP(AnomalyMethod):
             raise InputError(f"adaclip option prompting_length={self.prompting_length} does not fit the text context")
         self.use_hsf = _as_bool(self.config["use_hsf"], "use_hsf")
         self.k_clusters = _as_int(self.config["k_clusters"], "k_clusters", 1)
-        object_name = self.config["object_name"]
+        # Prompt set (prompt_sets.py): the words of the static sentences the learned prompts enter.
+        self.prompt_set = load_prompt_set(self.config["prompts"])
+        self.config["prompts"] = str(self.config["prompts"])
+        object_name = resolve_object_name(self.prompt_set, self.config["object_name"], self._explicit_object_name)
+        self.object_name = object_name
         if not isinstance(object_name, str) or not object_name.strip():
             raise InputError(f"adaclip option object_name={object_name!r} is invalid; give the object's name, e.g. 'brain'")
         self.config.update(
@@ -185,16 +192,16 @@ class AdaCLIP(AnomalyMethod):
     # --- encoders ----------------------------------------------------------------------------
     def text_features(self, dynamic: torch.Tensor | None, batch: int) -> torch.Tensor:
         """(B, E, 2) normalised (normal, abnormal) text features of each image."""
-        tokenizer, object_name = self.backbone.tokenizer, self.config["object_name"]
+        tokenizer, object_name = self.backbone.tokenizer, self.object_name
         if not self.text_prompter.enabled:
             key = (str(self.device), object_name)
             if key not in self._text_cache:
                 with torch.no_grad():
-                    self._text_cache = {key: state_text_features(self.clip, tokenizer, object_name, None)}
+                    self._text_cache = {key: state_text_features(self.clip, tokenizer, object_name, None, self.prompt_set)}
             return self._text_cache[key].expand(batch, -1, -1)
         groups = batch if self.text_prompter.use_dynamic else 1
         contexts = self.text_prompter.contexts(dynamic, groups)
-        return state_text_features(self.clip, tokenizer, object_name, contexts).expand(batch, -1, -1)
+        return state_text_features(self.clip, tokenizer, object_name, contexts, self.prompt_set).expand(batch, -1, -1)
 
     def encode_image(self, images: torch.Tensor, dynamic: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Prompted visual pass: ``ln_post(CLS) @ proj`` (B, E) and per tapped block (B, L, width) patch tokens."""
