@@ -147,3 +147,17 @@ def test_references_drive_few_shot(cohort: Path, method) -> None:
         assert method.describe()["k_shot"] == 2
     finally:
         method.set_references(None)
+
+
+def test_cohort_references_never_use_the_analysed_patient(cohort: Path, method) -> None:
+    from napari_clip_ad.references import CohortReferences
+
+    cases = find_cases(cohort)
+    pool = CohortReferences("auto", method, k_shot=2, training_cases=cases, seed=0, min_brain_fraction=0.1)
+    for path in cases:
+        refs = pool.for_case(path.name)
+        ids = {d["case_id"] for d in refs.provenance["references"]}
+        if path.name.startswith("BraTS-GLI-00002"):
+            assert not any(i.startswith("BraTS-GLI-00002") for i in ids)
+        assert path.name not in ids and refs.provenance["excluded_case"] == path.name and refs.images.shape[0] == 2
+    assert len(pool._cache) <= 3

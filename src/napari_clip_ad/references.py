@@ -211,3 +211,48 @@ def load_references(
                 cases, k_shot, method, modalities, ax, seed, exclude_case_id, False, min_brain_fraction)
     provenance["references"] = drawn
     return References(torch.cat(images), provenance)
+
+
+class CohortReferences:
+    """References for every case of a cohort run, each drawn without the analysed case's patient.
+
+    Draws once without exclusion and reuses that draw for every analysed case whose patient is not
+    among its references; only cases whose patient it contains get their own draw (with
+    ``exclude_case_id``). So a cohort costs at most K + 1 draws, and the guarantee of
+    :func:`load_references` holds for each case. Draws are cached per excluded patient.
+
+    Args:
+        source, method, k_shot, modality, axis, training_cases, seed, min_brain_fraction: As for
+            :func:`load_references`.
+    """
+
+    def __init__(
+        self,
+        source: str | Path,
+        method: AnomalyMethod,
+        k_shot: int = DEFAULT_K_SHOT,
+        modality: str | Sequence[str] = "t2w",
+        axis: str | int = "axial",
+        training_cases: Sequence[str | Path] | None = None,
+        seed: int = 0,
+        min_brain_fraction: float = MIN_BRAIN_FRACTION,
+    ) -> None:
+        self._kwargs = dict(
+            source=source, method=method, k_shot=k_shot, modality=modality, axis=axis,
+            training_cases=training_cases, seed=seed, min_brain_fraction=min_brain_fraction,
+        )
+        self._cache: dict[str | None, References] = {}
+
+    def _draw(self, exclude_case_id: str | None) -> References:
+        key = None if exclude_case_id is None else patient_id(exclude_case_id)
+        if key not in self._cache:
+            self._cache[key] = load_references(exclude_case_id=exclude_case_id, **self._kwargs)
+        return self._cache[key]
+
+    def for_case(self, case_id: str) -> References:
+        """The references to use when analysing ``case_id`` (never from its patient)."""
+        shared = self._draw(None)
+        used = [d.get("case_id") or d.get("file", "") for d in shared.provenance["references"]]
+        if any(_same_patient(u, case_id) or _names_patient(u, case_id) for u in used):
+            shared = self._draw(case_id)
+        return References(shared.images, {**shared.provenance, "excluded_case": case_id})
