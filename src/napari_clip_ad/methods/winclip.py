@@ -109,7 +109,7 @@ def visual_association_score(embeddings: torch.Tensor, memory: torch.Tensor) -> 
         embeddings: (B, n, D) window or patch embeddings of the images.
         memory: (K, m, D) the references' embeddings of the same kind (all K * m entries are compared).
     """
-    memory = F.normalize(memory.reshape(-1, embeddings.shape[-1]), dim=-1)
+    memory = F.normalize(memory.to(embeddings.device, embeddings.dtype).reshape(-1, embeddings.shape[-1]), dim=-1)
     cosine = F.normalize(embeddings, dim=-1) @ memory.T
     return (1 - cosine).min(dim=-1)[0] / 2
 
