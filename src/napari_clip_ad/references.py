@@ -237,10 +237,10 @@ class CohortReferences:
         seed: int = 0,
         min_brain_fraction: float = MIN_BRAIN_FRACTION,
     ) -> None:
-        self._kwargs = dict(
-            source=source, method=method, k_shot=k_shot, modality=modality, axis=axis,
-            training_cases=training_cases, seed=seed, min_brain_fraction=min_brain_fraction,
-        )
+        self._kwargs: dict[str, Any] = {
+            "source": source, "method": method, "k_shot": k_shot, "modality": modality, "axis": axis,
+            "training_cases": training_cases, "seed": seed, "min_brain_fraction": min_brain_fraction,
+        }
         self._cache: dict[str | None, References] = {}
 
     def _draw(self, exclude_case_id: str | None) -> References:

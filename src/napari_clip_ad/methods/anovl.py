@@ -26,9 +26,9 @@ from ..backbones import Backbone, resize_positional_embedding
 from ..errors import InputError
 from .anovl_attention import encode_visual
 from .anovl_prompts import encode_state_prompts
-from .prompt_sets import load_prompt_set, resolve_object_name
 from .anovl_tta import StateAdapter, adapt_tokens, augment_views, state_probabilities
 from .base import AnomalyMethod, AnomalyOutput
+from .prompt_sets import load_prompt_set, resolve_object_name
 from .registry import register_method
 
 MAP_ENTRY = 6
