@@ -76,16 +76,20 @@ AUTO_BATCH_MEMORY_SHARE = 0.7
 """Share of the free GPU memory the ``auto`` batch may plan to use (the rest is headroom)."""
 
 
-def _predict_batch(method: AnomalyMethod, raw: torch.Tensor, out_hw: tuple[int, int], sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _predict_batch(
+    method: AnomalyMethod, raw: torch.Tensor, out_hw: tuple[int, int], sigma: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     images = preprocess_slices(raw, method.image_size, method.backbone.mean, method.backbone.std)
     # The method runs its frozen backbone in its precision (bf16/fp16 autocast where chosen) and its
     # head in fp32; the engine's own work (smoothing, resize) is fp32 with autocast off.
-    output = method.predict(images)
+    # Per-image scores: set-level scores (method.set_scores) are combined over the whole volume.
+    output = method.predict(images, over_set=False)
+    peaks = output.maps.float().flatten(1).amax(dim=1)
     maps = output.unit_maps().float()
     maps = smooth_maps(maps, sigma)
     if tuple(maps.shape[-2:]) != out_hw:
         maps = F.interpolate(maps[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
-    return maps.clamp_(0.0, 1.0), output.scores.float()
+    return maps.clamp_(0.0, 1.0), output.scores.float(), peaks
 
 
 def _auto_batch_size(method: AnomalyMethod, stack: torch.Tensor, out_hw: tuple[int, int], sigma: float) -> int:
@@ -171,6 +175,7 @@ def run_volume(
     out_hw = tuple(brain_slices.shape[1:])
     maps = np.zeros((n_slices, *out_hw), dtype=np.float32)
     scores = np.zeros(n_slices, dtype=np.float32)
+    peaks = np.zeros(n_slices, dtype=np.float32)
     on_gpu = device.type == "cuda"
     if on_gpu and len(todo):
         # One pinned upload of the analysed slices and one download of their maps per volume: no
@@ -179,6 +184,7 @@ def run_volume(
         source_slices = host.to(device, non_blocking=True)
         device_maps = torch.empty((len(todo), *out_hw), dtype=torch.float32, device=device)
         device_scores = torch.empty(len(todo), dtype=torch.float32, device=device)
+        device_peaks = torch.empty(len(todo), dtype=torch.float32, device=device)
     done, start, size = 0, 0, int(batch_size)
     was_training = method.training
     method.eval()  # once per volume (predict no longer switches ~400 modules every batch)
@@ -200,7 +206,7 @@ def run_volume(
             else:
                 raw = torch.from_numpy(np.ascontiguousarray(stack[todo[start:stop]], dtype=np.float32)).to(device)
             try:
-                batch_maps, batch_scores = _predict_batch(method, raw, out_hw, sigma)
+                batch_maps, batch_scores, batch_peaks = _predict_batch(method, raw, out_hw, sigma)
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -210,9 +216,11 @@ def run_volume(
             if on_gpu:
                 device_maps[start:stop] = batch_maps
                 device_scores[start:stop] = batch_scores
+                device_peaks[start:stop] = batch_peaks
             else:
                 maps[todo[start:stop]] = batch_maps.cpu().numpy()
                 scores[todo[start:stop]] = batch_scores.cpu().numpy()
+                peaks[todo[start:stop]] = batch_peaks.cpu().numpy()
             done += stop - start
             start = stop
             if progress:
@@ -222,6 +230,9 @@ def run_volume(
     if on_gpu and len(todo):
         maps[todo] = device_maps.cpu().numpy()
         scores[todo] = device_scores.cpu().numpy()
+        peaks[todo] = device_peaks.cpu().numpy()
+    if len(todo):
+        scores[todo] = method.set_scores(torch.from_numpy(scores[todo]), torch.from_numpy(peaks[todo])).numpy()
     anomaly_map = np.ascontiguousarray(np.moveaxis(maps, 0, ax))
     info = {
         **method.describe(),

@@ -49,6 +49,7 @@ from ..errors import InputError, WeightsError
 from .adaclip_hsf import HSF_MODES, hybrid_semantic_fusion
 from .adaclip_prompts import ProjectLayer, PromptLayer, prompt_sentences, run_block, state_text_features
 from .base import AnomalyMethod, AnomalyOutput
+from .prompt_sets import load_prompt_set, resolve_object_name
 from .registry import register_method
 from .text_features import cached_text_features
 
@@ -109,10 +110,12 @@ class AdaCLIP(AnomalyMethod):
         "layers": None, "object_name": "brain", "prompting_depth": 4, "prompting_length": 5,
         "prompting_branch": "VL", "prompting_type": "SD", "use_hsf": True, "k_clusters": 20,
         "hsf": "fast",
+        "prompts": "industrial",
     }
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
         super().__init__(backbone, image_size=image_size, **options)
+        self._explicit_object_name = "object_name" in options
         for attribute in ("token_embedding", "transformer", "ln_final", "text_projection", "attn_mask"):
             if getattr(self.clip, attribute, None) is None:
                 raise WeightsError(
@@ -168,7 +171,11 @@ class AdaCLIP(AnomalyMethod):
         if self.hsf_mode not in HSF_MODES:
             raise InputError(f"adaclip option hsf={self.config['hsf']!r} is invalid; use 'exact' (scikit-learn, official) or 'fast' (torch on the device)")
         self.config["hsf"] = self.hsf_mode
-        object_name = self.config["object_name"]
+        # Prompt set (prompt_sets.py): the words of the static sentences the learned prompts enter.
+        self.prompt_set = load_prompt_set(self.config["prompts"])
+        self.config["prompts"] = str(self.config["prompts"])
+        object_name = resolve_object_name(self.prompt_set, self.config["object_name"], self._explicit_object_name)
+        self.object_name = object_name
         if not isinstance(object_name, str) or not object_name.strip():
             raise InputError(f"adaclip option object_name={object_name!r} is invalid; give the object's name, e.g. 'brain'")
         self.config.update(
@@ -194,20 +201,20 @@ class AdaCLIP(AnomalyMethod):
     # --- encoders ----------------------------------------------------------------------------
     def text_features(self, dynamic: torch.Tensor | None, batch: int) -> torch.Tensor:
         """(B, E, 2) normalised (normal, abnormal) text features of each image."""
-        tokenizer, object_name = self.backbone.tokenizer, self.config["object_name"]
+        tokenizer, object_name = self.backbone.tokenizer, self.object_name
         if not self.text_prompter.enabled:
             key = (str(self.device), object_name)
             if key not in self._text_cache:
                 with torch.no_grad():
                     features = cached_text_features(
-                        self.clip, self.name, {"sentences": prompt_sentences(object_name)},
-                        lambda: {"text": state_text_features(self.clip, tokenizer, object_name, None)[0]},
+                        self.clip, self.name, {"sentences": prompt_sentences(object_name, self.prompt_set)},
+                        lambda: {"text": state_text_features(self.clip, tokenizer, object_name, None, self.prompt_set)[0]},
                     )
                 self._text_cache = {key: features["text"][None]}
             return self._text_cache[key].expand(batch, -1, -1)
         groups = batch if self.text_prompter.use_dynamic else 1
         contexts = self.text_prompter.contexts(dynamic, groups)
-        return state_text_features(self.clip, tokenizer, object_name, contexts).expand(batch, -1, -1)
+        return state_text_features(self.clip, tokenizer, object_name, contexts, self.prompt_set).expand(batch, -1, -1)
 
     def encode_image(self, images: torch.Tensor, dynamic: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Prompted visual pass: ``ln_post(CLS) @ proj`` (B, E) and per tapped block (B, L, width) patch tokens."""

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .prompt_sets import PromptSet
+
 NORMAL_STATES: tuple[str, ...] = (
     "{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect", "{} without damage",
 )
@@ -33,14 +35,19 @@ TEMPLATES: tuple[str, ...] = (
 """``TextEmbebddingLayer``: 7 normal and 5 abnormal states inside 4 templates (states outer)."""
 
 
-def prompt_sentences(object_name: str) -> tuple[list[str], list[str]]:
-    """(normal, abnormal) sentences in the official order; '-' in the name becomes a space."""
+def prompt_sentences(object_name: str, prompt_set: PromptSet | None = None) -> tuple[list[str], list[str]]:
+    """(normal, abnormal) sentences in the official order; '-' in the name becomes a space.
+
+    ``prompt_set`` swaps the states and templates (same order); None keeps the official lists.
+    """
     name = object_name.replace("-", " ")
+    normal, abnormal, templates = (NORMAL_STATES, ABNORMAL_STATES, TEMPLATES) if prompt_set is None else (
+        prompt_set.normal_states, prompt_set.abnormal_states, prompt_set.templates)
 
     def expand(states: tuple[str, ...]) -> list[str]:
-        return [template.format(state.format(name)) for state in states for template in TEMPLATES]
+        return [template.format(state.format(name)) for state in states for template in templates]
 
-    return expand(NORMAL_STATES), expand(ABNORMAL_STATES)
+    return expand(normal), expand(abnormal)
 
 
 class PromptLayer(nn.Module):
@@ -152,13 +159,14 @@ def state_text_features(
     tokenizer: Callable[..., torch.Tensor],
     object_name: str,
     contexts: torch.Tensor | None,
+    prompt_set: PromptSet | None = None,
 ) -> torch.Tensor:
     """(G, E, 2) normalised (normal, abnormal) text features per group (official ``encode_text``).
 
     Per state: every sentence embedded and L2-normalised, averaged, L2-normalised; then the
     official ``F.normalize(text_features, dim=1)`` over the embedding axis.
     """
-    normal, abnormal = prompt_sentences(object_name)
+    normal, abnormal = prompt_sentences(object_name, prompt_set)
     device = clip.token_embedding.weight.device
     tokens = tokenizer(normal + abnormal).to(device)
     embedded = encode_prompted_text(clip, tokens, contexts).float()

@@ -28,6 +28,7 @@ from .anovl_attention import encode_visual
 from .anovl_prompts import STATE_ABNORMAL, STATE_NORMAL, encode_state_prompts, state_sentences
 from .anovl_tta import StateAdapter, adapt_tokens, augment_view_batch, state_probabilities, view_order
 from .base import AnomalyMethod, AnomalyOutput
+from .prompt_sets import load_prompt_set, resolve_object_name
 from .registry import register_method
 from .text_features import cached_text_features
 
@@ -47,7 +48,8 @@ class AnoVL(AnomalyMethod):
     default_sigma = 0.0
     quick_gelu = False
     official_fp32 = True
-    options = {"layers": None, "object_name": "brain", "tta": False, "tta_epochs": 5, "tta_lr": 0.001, "seed": 111}
+    options = {"layers": None, "object_name": "brain", "tta": False, "tta_epochs": 5, "tta_lr": 0.001, "seed": 111,
+               "prompts": "industrial"}
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
         super().__init__(backbone, image_size=image_size, **options)
@@ -60,7 +62,10 @@ class AnoVL(AnomalyMethod):
                 f"anovl needs at least 4 tapped layers (its map reads entry {MAP_ENTRY} of the tapped-token list), "
                 f"got {self.layers}; the map is the final V-V state whichever layers are tapped"
             )
-        self.object_name = str(self.config["object_name"]).strip()
+        # Prompt set (prompt_sets.py): "industrial" keeps the official lists; others swap the words only.
+        self.prompt_set = load_prompt_set(self.config["prompts"])
+        self.config["prompts"] = str(self.config["prompts"])
+        self.object_name = str(resolve_object_name(self.prompt_set, self.config["object_name"], "object_name" in options)).strip()
         if not self.object_name:
             raise InputError("anovl option object_name is empty; pass the imaged object, e.g. 'brain'")
         self.tta = bool(self.config["tta"])
@@ -78,11 +83,13 @@ class AnoVL(AnomalyMethod):
         device = self.device
         if self._text_cache is None or self._text_cache[0].device != device:
             def compute() -> dict[str, torch.Tensor]:
-                text, sentences = encode_state_prompts(self.clip, self.backbone.tokenizer, self.object_name, device)
+                text, sentences = encode_state_prompts(self.clip, self.backbone.tokenizer, self.object_name, device, self.prompt_set)
                 return {"text": text, "sentences": sentences}
 
-            payload = {"normal": state_sentences(self.object_name, STATE_NORMAL),
-                       "abnormal": state_sentences(self.object_name, STATE_ABNORMAL)}
+            normal_states, abnormal_states, templates = (STATE_NORMAL, STATE_ABNORMAL, None) if self.prompt_set is None else (
+                self.prompt_set.normal_states, self.prompt_set.abnormal_states, self.prompt_set.templates)
+            payload = {"normal": state_sentences(self.object_name, normal_states, templates),
+                       "abnormal": state_sentences(self.object_name, abnormal_states, templates)}
             cached = cached_text_features(self.clip, self.name, payload, compute)
             self._text_cache = (cached["text"], cached["sentences"])
         return self._text_cache

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .text_features import encode_sentences
+from .prompt_sets import PromptSet
 
 STATE_NORMAL: tuple[str, ...] = (
     "normal {}", "flawless {}", "perfect {}", "unblemished {}",
@@ -66,18 +67,26 @@ def templates_for(object_name: str) -> tuple[str, ...]:
     return tuple(t for medium in media for t in template_family(medium))
 
 
-def state_sentences(object_name: str, states: tuple[str, ...]) -> list[str]:
-    """All sentences of one side, in the official order (templates outer, states inner)."""
+def state_sentences(object_name: str, states: tuple[str, ...], templates: tuple[str, ...] | None = None) -> list[str]:
+    """All sentences of one side, in the official order (templates outer, states inner).
+
+    Args:
+        object_name: The object (official aliases applied).
+        states: State phrases of the side.
+        templates: Other templates (a prompt set's); None for the official :func:`templates_for`.
+    """
     name = OBJECT_ALIASES.get(object_name, object_name)
     phrases = [state.format(name) for state in states]
-    return [template.format(phrase) for template in templates_for(object_name) for phrase in phrases]
+    templates = templates_for(object_name) if templates is None else templates
+    return [template.format(phrase) for template in templates for phrase in phrases]
 
 
 @torch.no_grad()
 def encode_state_prompts(
-    clip: nn.Module, tokenizer: Callable[..., torch.Tensor], object_name: str, device: torch.device
+    clip: nn.Module, tokenizer: Callable[..., torch.Tensor], object_name: str, device: torch.device,
+    prompt_set: PromptSet | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text features of both sides.
+    """Text features of both sides (official lists, or a prompt set's states and templates in the same order).
 
     Returns:
         ``(text, sentences)``: ``text`` (E, 2) with columns (normal, abnormal), each the normalised
@@ -85,7 +94,9 @@ def encode_state_prompts(
         sentence embeddings, normal side first (what the official ``TextAdapter`` concatenates).
     """
     sides, per_sentence = [], []
-    normal, abnormal = state_sentences(object_name, STATE_NORMAL), state_sentences(object_name, STATE_ABNORMAL)
+    sides_states = (STATE_NORMAL, STATE_ABNORMAL) if prompt_set is None else (prompt_set.normal_states, prompt_set.abnormal_states)
+    templates = None if prompt_set is None else prompt_set.templates
+    normal, abnormal = (state_sentences(object_name, states, templates) for states in sides_states)
     # Both sides in one batched, EOT-truncated pass (exact: the text tower is causal).
     encoded = encode_sentences(clip, tokenizer, normal + abnormal).to(device)
     for embeddings in (encoded[: len(normal)], encoded[len(normal):]):

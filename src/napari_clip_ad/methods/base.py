@@ -194,6 +194,31 @@ class AnomalyMethod(nn.Module):
         """Context for heads, logits, softmax and interpolation: autocast off (fp32)."""
         return _precision.head_fp32(self.device)
 
+    def _check_reference_images(self, images: torch.Tensor) -> None:
+        """Refuse reference images that are not (K >= 1, 3, image_size, image_size) like predict's input."""
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise InputError(f"reference images must be a (K, 3, H, W) tensor with K >= 1, got {shape}")
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise InputError(
+                f"reference images are {tuple(images.shape[-2:])} px but method {self.name!r} was built for "
+                f"{self.image_size} px; preprocess them like the slices to analyse"
+            )
+        if not torch.isfinite(images).all():
+            raise InputError("reference images contain NaN/inf values; preprocess them like the slices to analyse")
+
+    def set_scores(self, scores: torch.Tensor, peaks: torch.Tensor) -> torch.Tensor:
+        """Image scores of an evaluated set, where the official score normalises over that set.
+
+        Default: the per-image scores unchanged. :meth:`predict` applies it over the images of the call;
+        the volume engine over all analysed slices of a volume.
+
+        Args:
+            scores: (N,) per-image scores as ``forward`` returns them.
+            peaks: (N,) maximum of each image's map (any positive scaling of the raw map).
+        """
+        return scores
+
     # --- inference --------------------------------------------------------------------------
     @property
     def map_max(self) -> float:
@@ -210,23 +235,29 @@ class AnomalyMethod(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> AnomalyOutput:
+    def predict(self, images: torch.Tensor, over_set: bool = True) -> AnomalyOutput:
         """Anomaly maps and image scores for a batch of preprocessed slices.
 
         Args:
             images: (B, 3, H, W) float tensor, resized to ``image_size`` and CLIP-normalised.
+            over_set: Apply :meth:`set_scores` over the images of this call (False: per-image scores,
+                for callers that combine a larger set themselves, like the volume engine).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise InputError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise InputError(f"images are {tuple(images.shape[-2:])} px but the method was built for {self.image_size} px")
         if not self.training:  # the engine sets eval once per volume: no per-batch walk over ~400 modules
-            return self(images.to(self.device))
-        self.eval()
-        try:
-            return self(images.to(self.device))
-        finally:
-            self.train(True)
+            output = self(images.to(self.device))
+        else:
+            self.eval()
+            try:
+                output = self(images.to(self.device))
+            finally:
+                self.train(True)
+        if over_set and type(self).set_scores is not AnomalyMethod.set_scores:
+            output = AnomalyOutput(output.maps, self.set_scores(output.scores, output.maps.flatten(1).amax(dim=1)), output.map_max)
+        return output
 
     def describe(self) -> dict[str, Any]:
         """Provenance for outputs: method, backbone (labelled 'random weights' where so), size, options."""
@@ -239,4 +270,5 @@ class AnomalyMethod(nn.Module):
             "precision": self.precision,
             "options": {k: v for k, v in self.config.items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))},
             **({"layers_from": self.layers_origin} if getattr(self, "layers_origin", None) else {}),
+            **({"k_shot": self.n_references} if self.supports_references else {}),
         }

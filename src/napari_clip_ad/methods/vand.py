@@ -16,6 +16,23 @@ Official reference: ByChelsea/VAND-APRIL-GAN (commit f13b8a6): ``test.py`` (zero
   ``ln_post(CLS) @ proj`` (the ordinary ``encode_image``), not mixed with the map maximum;
 - no Gaussian filter in the official zero-shot test (``default_sigma`` 0).
 
+Few-shot (``set_references``; official ``test.py --mode few_shot`` with ``few_shot.py``'s ``memory``):
+
+- memory bank per few-shot layer (option ``few_shot_layers``, default = ``layers``: the official
+  ``test_few_shot.sh`` passes ``--few_shot_features 6 12 18 24`` like ``--features_list``): the raw
+  tapped tokens of the K reference images, CLS dropped (``p[0, 1:, :]``), NOT adapted by the
+  ``LinearLayer``, concatenated over the images: (K * N, width). few_shot.py builds it under
+  ``no_grad`` only (no autocast); ``set_references`` likewise computes it in full precision;
+- per test image and layer: ``1 - cosine`` (sklearn ``pairwise.cosine_similarity(memory, tokens)``)
+  minimised over the memory, reshaped to the patch grid, bilinear resize (align_corners True) to the
+  image size; summed over the layers and ADDED to the zero-shot map (not averaged), so the raw map
+  lies in [0, n_layers + 2 * n_few_shot_layers] (``map_max``);
+- image score: per image the zero-shot text probability; then over the evaluated set (test.py's
+  metric loop, per class) ``0.5 * (score + minmax(max of each image's map))``. ``predict``
+  normalises over the images of the call (:meth:`VAND.set_scores`), the volume engine over the
+  whole volume. Where every map maximum is equal (e.g. one image) the official 0/0 is NaN; here
+  the normalised term is 0.
+
 At 240 px the official code rebuilds ViT-L-14-336 from its JSON config, which has no quick_gelu
 flag: the OpenAI weights then run with exact GELU (``quick_gelu = False``). The official test runs
 under CUDA autocast (fp16); here the frozen backbone runs in the method's precision (fp32, or bf16
@@ -34,6 +51,7 @@ from torch import nn
 from ..backbones import Backbone, resize_positional_embedding
 from ..errors import InputError, WeightsError
 from .base import AnomalyMethod, AnomalyOutput
+from .prompt_sets import load_prompt_set, resolve_object_name
 from .registry import register_method
 from .text_features import cached_text_features
 from .vand_prompts import encode_state_text, prompt_sentences
@@ -92,7 +110,8 @@ class VAND(AnomalyMethod):
     default_layers = (6, 12, 18, 24)
     default_sigma = 0.0
     quick_gelu = False
-    options = {"layers": None, "object_name": "brain"}
+    options = {"layers": None, "object_name": "brain", "few_shot_layers": None, "prompts": "industrial"}
+    supports_references = True
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
         super().__init__(backbone, image_size=image_size, **options)
@@ -102,7 +121,10 @@ class VAND(AnomalyMethod):
                 f"backbone {backbone.name!r} has no projected CLIP image feature or text encoder; "
                 "VAND needs a CLIP ViT such as openai-vit-l-14-336"
             )
-        object_name = self.config["object_name"]
+        self.prompt_set = load_prompt_set(self.config["prompts"])
+        self.config["prompts"] = str(self.config["prompts"])
+        object_name = resolve_object_name(self.prompt_set, self.config["object_name"], "object_name" in options)
+        self.object_name = object_name
         if not isinstance(object_name, str) or not object_name.strip():
             raise InputError(f"vand option object_name={object_name!r} is invalid; give the object's name, e.g. 'brain'")
         resize_positional_embedding(visual, self.image_size, mode="bicubic", antialias=True)
@@ -110,6 +132,13 @@ class VAND(AnomalyMethod):
         if len(set(layers)) != len(layers):
             raise InputError(f"vand option layers={layers} repeats a block; give each tapped block once")
         self.layers = sorted(layers)
+        few_shot_layers = self.resolve_layers(self.config["few_shot_layers"]) if self.config["few_shot_layers"] is not None else self.layers
+        if len(set(few_shot_layers)) != len(few_shot_layers):
+            raise InputError(f"vand option few_shot_layers={few_shot_layers} repeats a block; give each block once")
+        # The official transformer collects out_layers in block order, so the memory is in block order too.
+        self.few_shot_layers = sorted(few_shot_layers)
+        self._memory: list[torch.Tensor] | None = None
+        self._n_references = 0
         width, embed_dim = (int(n) for n in visual.proj.shape)
         self.linear = LinearLayer(width, embed_dim, len(self.layers)).to(self.device)
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -124,18 +153,73 @@ class VAND(AnomalyMethod):
 
     @property
     def map_max(self) -> float:
-        """Each tapped layer's map is a probability; they are summed."""
-        return float(len(self.layers))
+        """Each tapped layer's map is a probability; they are summed (plus 2 per few-shot layer: 1 - cos <= 2)."""
+        return float(len(self.layers) + (2 * len(self.few_shot_layers) if self._memory is not None else 0))
+
+    # --- few-shot -----------------------------------------------------------------------------
+    @property
+    def n_references(self) -> int:
+        """Number of reference images in the memory bank (0: zero-shot)."""
+        return self._n_references
+
+    @torch.no_grad()
+    def raw_tokens(self, images: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """Raw residual-stream patch tokens (B, N, width) after each block of ``layers`` (CLS dropped)."""
+        out = self.clip.visual.forward_intermediates(
+            images.to(self.device), indices=[i - 1 for i in layers], output_fmt="NLC", intermediates_only=True
+        )
+        return list(out["image_intermediates"])
+
+    def set_references(self, images: torch.Tensor | None) -> None:
+        """Build the official few-shot memory bank from K normal slices, or clear it (None: zero-shot).
+
+        Args:
+            images: (K, 3, H, W) normal slices preprocessed exactly like :meth:`predict`'s input.
+        """
+        if images is None:
+            self._memory, self._n_references = None, 0
+            return
+        self._check_reference_images(images)
+        # few_shot.py: no autocast (full precision); a bf16-cast backbone can only run under its own autocast.
+        context = self.backbone_autocast() if self.precision == "bf16" else torch.autocast(self.device.type, enabled=False)
+        with context:
+            tokens = self.raw_tokens(images.float(), self.few_shot_layers)
+        # few_shot.py: torch.cat over the images of each layer's (N, width) tokens -> (K * N, width).
+        self._memory = [layer.reshape(-1, layer.shape[-1]).float() for layer in tokens]
+        self._n_references = int(images.shape[0])
+
+    def few_shot_maps(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """(B, H, W) sum over the few-shot layers of the upsampled nearest-neighbour cosine distance."""
+        assert self._memory is not None
+        size = (self.image_size, self.image_size)
+        total = None
+        for layer, memory in zip(tokens, self._memory):
+            memory = F.normalize(memory.to(layer.device), dim=-1)
+            cosine = F.normalize(layer.float(), dim=-1) @ memory.t()  # (B, N, K * N)
+            distance = (1.0 - cosine).amin(dim=-1)  # test.py: np.min(1 - cos, 0) over the memory
+            side = int(distance.shape[-1] ** 0.5)
+            upsampled = F.interpolate(distance.reshape(-1, 1, side, side), size=size, mode="bilinear", align_corners=True)[:, 0]
+            total = upsampled if total is None else total + upsampled
+        return total
+
+    def set_scores(self, scores: torch.Tensor, peaks: torch.Tensor) -> torch.Tensor:
+        """Few-shot: test.py's ``0.5 * (score + minmax over the set of each map's maximum)``; else unchanged."""
+        if self._memory is None:
+            return scores
+        peaks = peaks.to(scores.dtype)
+        span = peaks.max() - peaks.min() if peaks.numel() else peaks.new_zeros(())
+        normalised = (peaks - peaks.min()) / span if span > 0 else torch.zeros_like(peaks)
+        return 0.5 * (scores + normalised)
 
     # --- text --------------------------------------------------------------------------------
     def text_features(self) -> torch.Tensor:
         """Normalised (normal, abnormal) text features (2, E), fp32, computed once (disk-cached across processes)."""
         key = str(self.device)
         if key not in self._text_cache:
-            name = self.config["object_name"]
+            name = self.object_name
             features = cached_text_features(
-                self.clip, self.name, {"sentences": prompt_sentences(name)},
-                lambda: {"text": encode_state_text(self.clip, self.backbone.tokenizer, name)},
+                self.clip, self.name, {"sentences": prompt_sentences(name, self.prompt_set)},
+                lambda: {"text": encode_state_text(self.clip, self.backbone.tokenizer, name, self.prompt_set)},
             )
             self._text_cache = {key: features["text"]}
         return self._text_cache[key]
@@ -182,8 +266,18 @@ class VAND(AnomalyMethod):
         return self.head_details(tapped, image_features).output
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        """Raw maps (sum of the tapped layers' abnormal probabilities) and image scores."""
-        return self.head(self.tap_tokens(images))
+        """Raw maps (sum of the tapped layers' abnormal probabilities, plus the few-shot maps) and image scores.
+
+        With references the scores are the per-image part; :meth:`set_scores` combines them over a set.
+        """
+        tapped = self.tap_tokens(images)
+        output = self.head(tapped)
+        if self._memory is None:
+            return output
+        # test.py re-encodes the image for few_shot_features; the same blocks give the same tokens.
+        tokens = list(tapped.tokens.unbind(1)) if self.few_shot_layers == self.layers else self.raw_tokens(images, self.few_shot_layers)
+        maps = output.maps + self.few_shot_maps(tokens).to(output.maps.dtype)
+        return AnomalyOutput(maps, output.scores, self.map_max)
 
     # --- official checkpoints ----------------------------------------------------------------
     @classmethod

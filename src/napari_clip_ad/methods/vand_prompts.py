@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .text_features import encode_sentences
+from .prompt_sets import PromptSet
 
 NORMAL_STATES: tuple[str, ...] = (
     "{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect", "{} without damage",
@@ -33,24 +34,35 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
-def prompt_sentences(object_name: str) -> tuple[list[str], list[str]]:
-    """All (normal, abnormal) sentences for ``object_name``, in the official order (states outer)."""
-    def expand(states: tuple[str, ...]) -> list[str]:
-        return [template.format(state.format(object_name)) for state in states for template in TEMPLATES]
+def prompt_sentences(object_name: str, prompt_set: PromptSet | None = None) -> tuple[list[str], list[str]]:
+    """All (normal, abnormal) sentences for ``object_name``, in the official order (states outer).
 
-    return expand(NORMAL_STATES), expand(ABNORMAL_STATES)
+    Args:
+        object_name: Word filling the state phrases.
+        prompt_set: Other states/templates (same order and averaging); None for the official lists.
+    """
+    normal, abnormal, templates = (NORMAL_STATES, ABNORMAL_STATES, TEMPLATES) if prompt_set is None else (
+        prompt_set.normal_states, prompt_set.abnormal_states, prompt_set.templates)
+
+    def expand(states: tuple[str, ...]) -> list[str]:
+        return [template.format(state.format(object_name)) for state in states for template in templates]
+
+    return expand(normal), expand(abnormal)
 
 
 @torch.no_grad()
-def encode_state_text(clip: nn.Module, tokenizer: Callable[..., torch.Tensor], object_name: str) -> torch.Tensor:
+def encode_state_text(
+    clip: nn.Module, tokenizer: Callable[..., torch.Tensor], object_name: str, prompt_set: PromptSet | None = None
+) -> torch.Tensor:
     """Normalised (normal, abnormal) text features (2, E), as ``encode_text_with_prompt_ensemble``.
 
     Args:
         clip: open_clip CLIP model (its standard ``encode_text`` is used).
         tokenizer: The model's tokenizer.
         object_name: Word filling the prompts (the official code uses the class name).
+        prompt_set: Other states/templates (see :mod:`.prompt_sets`); None for the official lists.
     """
-    normal, abnormal = prompt_sentences(object_name)
+    normal, abnormal = prompt_sentences(object_name, prompt_set)
     # Both states in one batched, EOT-truncated pass (same features as the official per-state calls).
     embedded = encode_sentences(clip, tokenizer, normal + abnormal)
     embedded = embedded / embedded.norm(dim=-1, keepdim=True)

@@ -22,7 +22,21 @@ What anomalib does (and this module reproduces):
 anomalib targets open_clip < 2.26.1, whose ``Transformer`` takes (L, N, D) input, so its
 ``permute(1, 0, 2)`` before the transformer is right there; newer open_clip is batch-first, so here
 the (N, L, D) sequence is passed as is (attention over the tokens of one window, as intended).
-Few-shot WinCLIP+ (reference images, ``k_shot > 0``) is out of scope.
+
+Few-shot WinCLIP+ (``set_references``; anomalib ``WinClipModel`` with ``reference_images``, i.e.
+``k_shot > 0``; torch_model.py ``_collect_visual_embeddings`` / ``_compute_few_shot_scores``, utils.py
+``visual_association_score``):
+
+- visual memory = ``encode_image`` of the K references: their window embeddings per scale
+  (K, n_windows, E) and their patch embeddings (K, P, width): the full image's output tokens after
+  ``ln_post``, CLS dropped, NOT projected (open_clip's ``output_tokens``; width 896, not 640, on
+  ViT-B-16-plus-240);
+- association score = ``min over all K * n memory entries of (1 - cos) / 2`` (windows compared with
+  the windows of the same scale at any position, patches with patches at any position);
+- few-shot map = arithmetic MEAN of [patch map, harmonic window aggregation per scale] (not the
+  harmonic mean of the zero-shot side, and no full-image term);
+- final map = (zero-shot map + few-shot map) / 2, then the bilinear upsampling; image score =
+  (zero-shot image score + max of the few-shot patch-grid map) / 2. Per image: no set normalisation.
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ import torch.nn.functional as F
 from ..backbones import Backbone, grid_for, resize_positional_embedding
 from ..errors import InputError, WeightsError
 from .base import AnomalyMethod, AnomalyOutput
+from .prompt_sets import load_prompt_set, resolve_object_name
 from .registry import register_method
 from .text_features import cached_text_features, encode_sentences
 from .winclip_prompts import compositional_prompts
@@ -88,6 +103,18 @@ def anomalous_probability(embeddings: torch.Tensor, text_features: torch.Tensor)
     return (cosine / TEMPERATURE).softmax(dim=-1)[..., 1]
 
 
+def visual_association_score(embeddings: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """(B, n) anomalib's ``visual_association_score``: min over every memory entry of (1 - cos) / 2.
+
+    Args:
+        embeddings: (B, n, D) window or patch embeddings of the images.
+        memory: (K, m, D) the references' embeddings of the same kind (all K * m entries are compared).
+    """
+    memory = F.normalize(memory.to(embeddings.device, embeddings.dtype).reshape(-1, embeddings.shape[-1]), dim=-1)
+    cosine = F.normalize(embeddings, dim=-1) @ memory.T
+    return (1 - cosine).min(dim=-1)[0] / 2
+
+
 @register_method
 class WinCLIP(AnomalyMethod):
     """Zero-shot WinCLIP: window embeddings vs. a compositional prompt ensemble; nothing to train.
@@ -100,7 +127,9 @@ class WinCLIP(AnomalyMethod):
     Options:
         object_name: Object named in the prompts ("brain").
         scales: Window sides in patches ((2, 3) as anomalib).
-        k_shot: Must be 0: few-shot reference images (WinCLIP+) are not implemented.
+        k_shot: Must be 0: few-shot WinCLIP+ is set by the reference images themselves
+            (:meth:`set_references`, CLI ``--references/--k-shot``), as anomalib derives ``k_shot``.
+        prompts: "industrial" (anomalib's lists), "medical" or a JSON prompt-set file.
     """
 
     name: ClassVar[str] = "winclip"
@@ -111,13 +140,20 @@ class WinCLIP(AnomalyMethod):
     """anomalib's WinCLIP applies no Gaussian filter to its maps."""
     quick_gelu: ClassVar[bool | None] = False
     """anomalib builds ViT-B-16-plus-240 with open_clip's default (exact) GELU."""
-    options: ClassVar[dict[str, Any]] = {"object_name": "brain", "scales": (2, 3), "k_shot": 0}
+    options: ClassVar[dict[str, Any]] = {"object_name": "brain", "scales": (2, 3), "k_shot": 0, "prompts": "industrial"}
+    supports_references: ClassVar[bool] = True
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
         super().__init__(backbone, image_size=image_size, **options)
         if int(self.config["k_shot"]) != 0:
-            raise InputError(f"winclip k_shot {self.config['k_shot']}: few-shot reference images are not supported; use k_shot 0 (zero-shot)")
-        object_name = self.config["object_name"]
+            raise InputError(
+                f"winclip k_shot {self.config['k_shot']}: few-shot is set by the reference images, not this option; "
+                "keep k_shot 0 and give K normal references (set_references, or --references with --k-shot)"
+            )
+        self.prompt_set = load_prompt_set(self.config["prompts"])
+        self.config["prompts"] = str(self.config["prompts"])
+        object_name = resolve_object_name(self.prompt_set, self.config["object_name"], "object_name" in options)
+        self.object_name = object_name
         if not isinstance(object_name, str) or not object_name.strip():
             raise InputError(f"winclip object_name {object_name!r}: give the object the prompts should name, e.g. 'brain'")
         visual = self.clip.visual
@@ -138,13 +174,15 @@ class WinCLIP(AnomalyMethod):
             self.register_buffer(f"_windows_{i}", torch.cat([torch.zeros(len(windows), 1, dtype=torch.long), windows + 1], dim=1), persistent=False)
             self.register_buffer(f"_coverage_{i}", window_coverage(windows, n_patches), persistent=False)
         self._text_cache: torch.Tensor | None = None
+        self._window_memory: list[torch.Tensor] | None = None
+        self._patch_memory: torch.Tensor | None = None
 
     # --- text -------------------------------------------------------------------------------
     @property
     def text_features(self) -> torch.Tensor:
         """(2, D) L2-normalised (normal, anomalous) ensemble embeddings, computed once in fp32."""
         if self._text_cache is None:
-            normal, anomalous = compositional_prompts(self.config["object_name"])
+            normal, anomalous = compositional_prompts(self.object_name, self.prompt_set)
 
             def compute() -> dict[str, torch.Tensor]:
                 # One batched, EOT-truncated pass over both sides (exact: the text tower is causal).
@@ -192,11 +230,17 @@ class WinCLIP(AnomalyMethod):
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image embeddings (B, E) and per-scale window embeddings [(B, n_windows, E)]."""
+        image_embeddings, window_embeddings, _ = self.encode_all(images)
+        return image_embeddings, window_embeddings
+
+    def encode_all(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """anomalib's ``encode_image``: image (B, E), per-scale window [(B, n_windows, E)], patch (B, P, width) embeddings."""
         tokens = self._input_tokens(images)
         visual = self.clip.visual
-        # The full image goes through the tower exactly as open_clip's encode_image does.
+        # The full image goes through the tower exactly as open_clip's encode_image does; with
+        # output_tokens (anomalib sets it) the second output are the ln_post'd, unprojected patch tokens.
         full = visual.transformer(visual.ln_pre(visual.patch_dropout(tokens)))
-        pooled, _ = visual._pool(full)
+        pooled, patch_embeddings = visual._pool(full)
         image_embeddings = pooled @ visual.proj if visual.proj is not None else pooled
         window_embeddings = []
         for i in range(len(self.scales)):
@@ -204,7 +248,37 @@ class WinCLIP(AnomalyMethod):
             selected = tokens[:, index]  # (B, n_windows, 1 + k*k, W)
             flat = self._encode_sequences(selected.reshape(-1, *selected.shape[2:]))
             window_embeddings.append(flat.reshape(tokens.shape[0], index.shape[0], -1))
-        return image_embeddings, window_embeddings
+        return image_embeddings, window_embeddings, patch_embeddings
+
+    # --- few-shot (WinCLIP+) ----------------------------------------------------------------
+    @property
+    def n_references(self) -> int:
+        """Number of reference images in the visual memory (0: zero-shot)."""
+        return 0 if self._patch_memory is None else int(self._patch_memory.shape[0])
+
+    @torch.no_grad()
+    def set_references(self, images: torch.Tensor | None) -> None:
+        """Collect the visual memory of K normal slices (anomalib ``_collect_visual_embeddings``), or clear it.
+
+        Args:
+            images: (K, 3, H, W) normal slices preprocessed exactly like :meth:`predict`'s input; None
+                returns to zero-shot.
+        """
+        if images is None:
+            self._window_memory, self._patch_memory = None, None
+            return
+        self._check_reference_images(images)
+        with self.backbone_autocast():  # the same precision as the images scored against this memory
+            _, windows, patches = self.encode_all(images.to(self.device))
+        self._window_memory, self._patch_memory = [w.float() for w in windows], patches.float()
+
+    def few_shot_scores(self, patch_embeddings: torch.Tensor, window_embeddings: list[torch.Tensor]) -> torch.Tensor:
+        """(B, grid, grid) anomalib ``_compute_few_shot_scores``: mean of the patch map and each scale's map."""
+        assert self._patch_memory is not None and self._window_memory is not None
+        maps = [visual_association_score(patch_embeddings, self._patch_memory).reshape(-1, self.grid, self.grid)]
+        for i, (embeddings, memory) in enumerate(zip(window_embeddings, self._window_memory)):
+            maps.append(harmonic_aggregation(visual_association_score(embeddings, memory), self.coverage(i), self.grid))
+        return torch.stack(maps).mean(dim=0)
 
     def patch_scores(self, image_scores: torch.Tensor, window_embeddings: list[torch.Tensor]) -> torch.Tensor:
         """(B, grid, grid) zero-shot map: harmonic mean of the full-image score and each scale's map."""
@@ -217,10 +291,15 @@ class WinCLIP(AnomalyMethod):
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         """Anomalous-probability maps (B, H, W) in [0, 1] and image scores (B,)."""
         with self.backbone_autocast():
-            image_embeddings, window_embeddings = self.encode(images)
+            image_embeddings, window_embeddings, patch_embeddings = self.encode_all(images)
         with self.head_fp32():
             image_embeddings, window_embeddings = image_embeddings.float(), [w.float() for w in window_embeddings]
+            patch_embeddings = patch_embeddings.float() if isinstance(patch_embeddings, torch.Tensor) else patch_embeddings
             image_scores = anomalous_probability(image_embeddings, self.text_features)
             patch_maps = self.patch_scores(image_scores, window_embeddings)
+            if self._patch_memory is not None:
+                few_shot = self.few_shot_scores(patch_embeddings, window_embeddings)
+                patch_maps = (patch_maps + few_shot) / 2
+                image_scores = (image_scores + few_shot.amax(dim=(-2, -1))) / 2
             maps = F.interpolate(patch_maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return AnomalyOutput(maps=maps, scores=image_scores, map_max=self.map_max)

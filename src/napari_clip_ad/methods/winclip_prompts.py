@@ -6,6 +6,8 @@ Every state phrase (with the object name) is put into every template; the ensemb
 
 from __future__ import annotations
 
+from .prompt_sets import PromptSet
+
 NORMAL_STATES: tuple[str, ...] = (
     "{}",
     "flawless {}",
@@ -50,15 +52,18 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
-def compositional_prompts(object_name: str) -> tuple[list[str], list[str]]:
+def compositional_prompts(object_name: str, prompt_set: PromptSet | None = None) -> tuple[list[str], list[str]]:
     """Normal and anomalous prompt lists for an object (7 x 21 = 147 and 4 x 21 = 84 prompts).
 
     Args:
         object_name: The object the prompts name (e.g. "brain").
+        prompt_set: Other states/templates (same order); None for anomalib's lists.
 
     Returns:
         (normal prompts, anomalous prompts), state-major like anomalib's ``create_prompt_ensemble``.
     """
-    normal = [template.format(state.format(object_name)) for state in NORMAL_STATES for template in TEMPLATES]
-    anomalous = [template.format(state.format(object_name)) for state in ANOMALOUS_STATES for template in TEMPLATES]
+    normal_states, anomalous_states, templates = (NORMAL_STATES, ANOMALOUS_STATES, TEMPLATES) if prompt_set is None else (
+        prompt_set.normal_states, prompt_set.abnormal_states, prompt_set.templates)
+    normal = [template.format(state.format(object_name)) for state in normal_states for template in templates]
+    anomalous = [template.format(state.format(object_name)) for state in anomalous_states for template in templates]
     return normal, anomalous
