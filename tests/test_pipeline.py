@@ -116,3 +116,27 @@ def test_case_from_arrays_refuses_bad_input():
         case_from_arrays({"t2w": np.zeros((4, 5, 6))}, spacing=(1.0, 0.0, 1.0))
     with pytest.raises(InputError, match="modality"):
         case_from_arrays({"flair": np.zeros((4, 5, 6))})
+
+
+def test_references_through_infer_never_from_the_analysed_case(crop_real_cohort, tmp_path):
+    """--references auto in a cohort: each case's 2-shot memory comes from the other case, recorded per case."""
+    import json
+
+    cohort = crop_real_cohort(tmp_path / "refs", (slice(40, 200), slice(30, 210), slice(24, 36)))  # tumour-free slices in both
+    out = tmp_path / "out"
+    assert main(["infer", str(cohort), "--method", "vand", "--backbone", "tiny-test", "--device", "cpu",
+                 "--references", "auto", "--k-shot", "2", "--out", str(out)]) == 0
+    for case_id in ("BraTS-GLI-00002-000", "BraTS-GLI-00012-000"):
+        record = json.loads((out / f"{case_id}_metrics.json").read_text())
+        used = record["references_used"]["axial"]
+        assert record["k_shot"] == 2 and used["excluded_case"] == case_id
+        assert len(used["references"]) == 2 and all(r["case_id"] != case_id for r in used["references"])
+    info = json.loads((out / "infer.json").read_text())
+    assert info["references"] == "auto" and info["k_shot"] == 2
+
+
+def test_zero_shot_method_refuses_references_in_one_line(cohort, tmp_path, capsys):
+    code = main(["infer", str(cohort / CASE), "--method", "anomalyclip", "--backbone", "tiny-test", "--device", "cpu",
+                 "--references", str(cohort), "--k-shot", "1", "--out", str(tmp_path / "o")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(err) == 1 and "no few-shot mode" in err[0]

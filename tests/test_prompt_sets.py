@@ -69,7 +69,9 @@ def test_industrial_is_the_official_text_bitwise(backbone) -> None:
     anovl = build_method("anovl", backbone, device="cpu")
     sides = [anovl_prompts.state_sentences("brain", s) for s in (anovl_prompts.STATE_NORMAL, anovl_prompts.STATE_ABNORMAL)]
     assert sides[0][:2] == ["a cropped industrial photo of the normal brain", "a cropped industrial photo of the flawless brain"]
-    assert torch.equal(text_of(anovl), torch.stack([encode_mean(clip, tok, side, False) for side in sides], dim=1))
+    # Batched, EOT-truncated encoding (methods/text_features.py) is exact up to float rounding of the batch.
+    torch.testing.assert_close(text_of(anovl), torch.stack([encode_mean(clip, tok, side, False) for side in sides], dim=1),
+                               atol=1e-6, rtol=0)
     assert adaclip_prompts.prompt_sentences("brain")[1][0] == "a bad photo of a damaged brain."
     for name in METHODS:
         assert build_method(name, backbone, device="cpu").describe()["options"]["prompts"] == "industrial"

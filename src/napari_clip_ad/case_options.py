@@ -106,6 +106,10 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
                "drop 26-connected mask components smaller than this many voxels; 0 = keep all"),
     OptionSpec("threshold", "--threshold", "threshold", "mask threshold on the [0, 1] map (voxel positive if >=)"),
     OptionSpec("batch_size", "--batch-size", "batch size", "slices per forward pass (default: 16 on a GPU, 8 on the CPU)"),
+    OptionSpec("references", "--references", "references",
+               "few-shot normal references: 'auto' (tumour-free slices of other cases: the cohort's for infer, the "
+               "training split's for the study) or a folder of normal cases or PNG/JPEG slices; empty = zero-shot"),
+    OptionSpec("k_shot", "--k-shot", "k-shot", "number of normal reference slices with --references (0 = zero-shot)"),
     OptionSpec("precision", "--precision", "precision",
                "frozen backbone precision: auto (bf16 where the CPU/GPU supports it and it is faster), fp32, bf16",
                ("auto", "fp32", "bf16")),
@@ -127,6 +131,10 @@ class CaseOptions:
         min_component: Smallest 26-connected mask component kept (voxels); 0 = all.
         threshold: Mask threshold on the [0, 1] map.
         batch_size: Slices per forward pass; None = the engine's default for the device.
+        references: Few-shot normal references: 'auto' or a folder (see :mod:`napari_clip_ad.references`);
+            None = zero-shot.
+        k_shot: Number of reference slices (0 = zero-shot even with ``references``).
+        reference_seed: Seed of the reference draw.
         precision: Frozen-backbone precision: 'auto' (bf16 where the hardware runs it natively and the model is
             wide enough, see :mod:`napari_clip_ad.methods.precision`), 'fp32', 'bf16'; None = the method's as built.
     """
@@ -140,6 +148,9 @@ class CaseOptions:
     min_component: int = 0
     threshold: float = 0.5
     batch_size: int | None = None
+    references: str | None = None
+    k_shot: int = 4
+    reference_seed: int = 0
     precision: str | None = "auto"
 
     def __post_init__(self) -> None:
@@ -153,6 +164,10 @@ class CaseOptions:
             raise InputError(f"--sigma {self.sigma:g}: give a finite number >= 0 (0 = no smoothing)" if isinstance(self.sigma, (int, float)) else f"--sigma {self.sigma!r}: give a number >= 0")
         if not math.isfinite(self.smooth3d_mm):
             raise InputError(f"--smooth3d {self.smooth3d_mm}: give a finite sigma in mm >= 0 (0 = no smoothing)")
+        if isinstance(self.k_shot, bool) or not isinstance(self.k_shot, int) or self.k_shot < 0:
+            raise InputError(f"--k-shot {self.k_shot!r}: give a whole number >= 0 (0 = zero-shot)")
+        if self.references is not None and not str(self.references).strip():
+            object.__setattr__(self, "references", None)
         if self.precision is not None and self.precision not in ("auto", "fp32", "bf16"):
             raise InputError(f"--precision {self.precision!r}: use auto, fp32 or bf16")
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1):
@@ -174,10 +189,17 @@ class CaseOptions:
         return PostOptions(views=self.views, fuse=self.fuse, restrict_to_brain=self.restrict_to_brain,
                            smooth3d_mm=float(self.smooth3d_mm), min_component=int(self.min_component))
 
+    @property
+    def few_shot(self) -> bool:
+        """True when references are to be used (a source and k-shot >= 1)."""
+        return self.references is not None and self.k_shot > 0
+
     def describe(self) -> dict[str, Any]:
         """JSON-ready provenance of the options (as ``infer.json`` and the layers' metadata record them)."""
         return {"modality": self.modality, "axis": "+".join(self.views), **self.post.describe(),
-                "threshold": float(self.threshold), "sigma": self.sigma}
+                "threshold": float(self.threshold), "sigma": self.sigma,
+                **({"references": str(self.references), "k_shot": self.k_shot, "reference_seed": self.reference_seed}
+                   if self.few_shot else {"k_shot": 0})}
 
     def to_json(self) -> dict[str, Any]:
         """All fields as JSON values (views as a list), e.g. for remembered settings."""
@@ -214,7 +236,7 @@ def add_case_arguments(parser: argparse.ArgumentParser, skip: Sequence[str] = ()
             parser.add_argument(spec.flag, default=default, choices=list(spec.choices), help=spec.help + f" (default {default})")
         elif spec.name in ("sigma", "smooth3d_mm", "threshold"):
             parser.add_argument(spec.flag, type=float, default=default, help=spec.help + ("" if default is None else f" (default {default:g})"))
-        elif spec.name in ("min_component", "batch_size"):
+        elif spec.name in ("min_component", "batch_size", "k_shot"):
             parser.add_argument(spec.flag, type=int, default=default, help=spec.help)
         else:
             parser.add_argument(spec.flag, default=default, help=spec.help + f" (default {default})")

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..distributed import init_distributed, rank_device
-    from ..engine.pipeline import options_from_args, run_case, write_case_outputs
+    from ..engine.pipeline import ReferencePool, options_from_args, run_case, write_case_outputs
     from ..methods import build_method, resolve_device
 
     options = options_from_args(args)
@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     description = method.describe()
     if method.backbone.random_weights:
         print(f"note: backbone {method.backbone.label}: results come from random weights and mean nothing", file=sys.stderr)
+    # --references auto in a cohort: the other cases of the cohort (never the analysed patient).
+    pool = ReferencePool(options, method, training_cases=all_cases) if options.few_shot else None
     written: list[Path] = []
     for path in tqdm(cases, desc="cases", unit="case", file=sys.stderr, disable=True if len(cases) < 2 else None):
         case = load_case(path, modalities=options.modalities_to_load)
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             return progress
 
         try:
-            result = run_case(case, method, options, progress_for=progress_for)
+            result = run_case(case, method, options, progress_for=progress_for, references=pool)
         finally:
             for bar in bars:
                 bar.close()

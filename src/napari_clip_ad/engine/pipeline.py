@@ -51,12 +51,44 @@ class CaseResult:
         return threshold_mask(self.anomaly_map, threshold, self.options.min_component)
 
 
+class ReferencePool:
+    """Few-shot references for the cases of one run: per slicing view, never from the analysed patient.
+
+    Wraps :class:`napari_clip_ad.references.CohortReferences` (one draw per view, redrawn only for a case
+    whose patient it contains).
+
+    Args:
+        options: The run's options (``references``, ``k_shot``, ``reference_seed``, ``modality``).
+        method: The built method (image size, normalisation).
+        training_cases: Case folders to draw from with ``auto`` (the cohort for ``infer``, the training
+            split for the study); ignored for a folder source.
+    """
+
+    def __init__(self, options: CaseOptions, method: AnomalyMethod, training_cases: Sequence[str | Path] = ()) -> None:
+        if not method.supports_references:  # refused before any reference is drawn
+            raise InputError(f"method {method.name!r} has no few-shot mode with normal references; "
+                             "drop --references (or use --k-shot 0)")
+        self.options, self.method, self.training_cases = options, method, list(training_cases)
+        self._per_view: dict[str, Any] = {}
+
+    def for_case(self, case_id: str, view: str) -> Any:
+        """The :class:`~napari_clip_ad.references.References` for ``case_id`` along ``view``."""
+        from ..references import CohortReferences
+
+        if view not in self._per_view:
+            self._per_view[view] = CohortReferences(
+                self.options.references, self.method, k_shot=self.options.k_shot, modality=self.options.modalities,
+                axis=view, training_cases=self.training_cases, seed=self.options.reference_seed)
+        return self._per_view[view].for_case(case_id)
+
+
 def run_case(
     case: Case,
     method: AnomalyMethod,
     options: CaseOptions | None = None,
     progress_for: Callable[[str], ProgressCallback | None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    references: ReferencePool | None = None,
 ) -> CaseResult:
     """Run ``method`` on one case with every option; the only path from a case to a map and mask.
 
@@ -66,17 +98,37 @@ def run_case(
         options: The pipeline options (defaults: the study's axial, single-modality setup).
         progress_for: Gives the progress callback of one view (by name), or None.
         cancel: Checked between batches; raising :class:`~napari_clip_ad.errors.Cancelled` when True.
+        references: Where few-shot references come from when ``options`` asks for them (a
+            :class:`ReferencePool`; None = one built from ``options`` alone, which suits a folder source).
 
     Returns:
         The map, the mask and their provenance.
     """
     options = options or CaseOptions()
-    anomaly_map, info, results = run_views(case, method, options.post, modality=options.modalities,
-                                           batch_size=options.batch_size, sigma=options.sigma, precision=options.precision,
-                                           progress_for=progress_for, cancel=cancel)
+    used: dict[str, Any] = {}
+    if options.few_shot and references is None:
+        references = ReferencePool(options, method)
+
+    def before_view(view: str) -> None:
+        if options.few_shot:
+            drawn = references.for_case(case.case_id, view)
+            method.set_references(drawn.images)  # methods without a few-shot mode refuse in one line
+            used[view] = drawn.provenance
+        else:
+            method.set_references(None)
+
+    try:
+        anomaly_map, info, results = run_views(case, method, options.post, modality=options.modalities,
+                                               batch_size=options.batch_size, sigma=options.sigma, precision=options.precision,
+                                               progress_for=progress_for, cancel=cancel, before_view=before_view)
+    finally:
+        if options.few_shot:
+            method.set_references(None)  # a method object never carries one case's references into the next
     anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
     mask = threshold_mask(anomaly_map, options.threshold, options.min_component)
     info = {**info, **options.describe(), "sigma": info.get("sigma"), "case_id": case.case_id}
+    if used:
+        info["references_used"] = used
     return CaseResult(anomaly_map, mask, info, results, options)
 
 
@@ -157,5 +209,5 @@ def case_from_arrays(
                 seg=None if seg is None else np.asarray(seg).astype(np.int16), brain_mask=brain, geometry=geometry)
 
 
-__all__ = ["OPTION_SPECS", "CaseOptions", "CaseResult", "OptionSpec", "add_case_arguments", "case_from_arrays",
+__all__ = ["OPTION_SPECS", "CaseOptions", "CaseResult", "OptionSpec", "ReferencePool", "add_case_arguments", "case_from_arrays",
            "options_from_args", "run_case", "write_case_outputs"]

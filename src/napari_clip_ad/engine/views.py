@@ -22,6 +22,7 @@ from .run import VolumeResult, run_volume
 
 def run_views(case: Case, method: AnomalyMethod, options: PostOptions, modality: str | Sequence[str] = "t2w",
               progress_for: Callable[[str], Callable[[int, int], None] | None] | None = None,
+              before_view: Callable[[str], None] | None = None,
               **kwargs: Any) -> tuple[np.ndarray, dict[str, Any], list[VolumeResult]]:
     """Run ``method`` along each view of ``options``, fuse, smooth and restrict to the brain.
 
@@ -31,14 +32,19 @@ def run_views(case: Case, method: AnomalyMethod, options: PostOptions, modality:
         options: Views and post-processing.
         modality: As for :func:`~napari_clip_ad.engine.run_volume`.
         progress_for: Gives the progress callback of one view (by name), or None.
+        before_view: Called with the view's name before it runs (e.g. to set that view's references).
         **kwargs: Passed to :func:`~napari_clip_ad.engine.run_volume` (batch_size, sigma, ...).
 
     Returns:
         The float32 [0, 1] map, its provenance (the first view's info with ``axis`` set to the views and
         the options added), and the single-view results.
     """
-    results = [run_volume(case, method, modality=modality, axis=view,
-                          progress=progress_for(view) if progress_for else None, **kwargs) for view in options.views]
+    results = []
+    for view in options.views:
+        if before_view is not None:
+            before_view(view)
+        results.append(run_volume(case, method, modality=modality, axis=view,
+                                  progress=progress_for(view) if progress_for else None, **kwargs))
     anomaly_map = results[0].anomaly_map if len(results) == 1 else fuse_views([r.anomaly_map for r in results], options.fuse)
     if options.smooth3d_mm > 0:
         anomaly_map = smooth3d(anomaly_map, options.smooth3d_mm, case.spacing)
