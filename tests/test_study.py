@@ -104,3 +104,25 @@ def test_modality_composite_study_reports_beside_the_t2w_one(study, small_cohort
     with open(tmp_path / "both" / "table1.csv") as handle:
         setups = [(r["method"], r["setup"]) for r in csv.DictReader(handle)]
     assert setups == [("vand", "brats"), ("vand", "brats+t1c+t2w+t2f")]
+
+
+def test_k_shot_cells_use_training_references(tmp_path):
+    """--k-shot 0,4: vand/brats gets a 4-shot cell beside the zero-shot one (shared training), anomalyclip none."""
+    full, cohort = tmp_path / "full", tmp_path / "cohort"
+    for case in write_cohort(full, n_cases=4, seed=3):  # low slices: tumour-free brain to draw references from
+        (cohort / case.name).mkdir(parents=True)
+        for path in sorted(case.glob("*.nii.gz")):
+            nib.save(nib.load(path).slicer[72:168, 72:168, 8:40], cohort / case.name / path.name)
+    out = tmp_path / "fewshot"
+    args = ["study", "--data", str(cohort), "--out", str(out), "--methods", "vand", "anomalyclip", "--setups", "brats",
+            "--backbone", "tiny-test", "--epochs", "1", "--device", "cpu", "--max-slices-per-case", "4",
+            "--k-shot", "0,4", "--references", "auto", "--no-baseline"]
+    assert main(args) == 0
+    with open(out / "report" / "table1.csv") as handle:
+        setups = {(r["method"], r["setup"]) for r in csv.DictReader(handle)}
+    assert setups == {("vand", "brats"), ("vand", "brats+4shot"), ("anomalyclip", "brats")}
+    assert not (out / "cells" / "vand-brats+4shot" / "train").exists()
+    split = json.loads((out / "split.json").read_text())
+    for path in (out / "cells" / "vand-brats+4shot" / "maps").glob("*_metrics.json"):
+        used = json.loads(path.read_text())["references_used"]["axial"]["references"]
+        assert len(used) == 4 and {r["case_id"] for r in used} <= set(split["train"])

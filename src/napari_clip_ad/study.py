@@ -16,7 +16,7 @@ from typing import Any
 
 from .atomic import write_json
 from .case_options import CaseOptions, PostOptions
-from .engine.pipeline import run_case, write_case_outputs
+from .engine.pipeline import ReferencePool, run_case, write_case_outputs
 from .errors import InputError, WeightsError
 from .io import case_id_of, find_cases, load_case, load_split, save_split, split_cases
 
@@ -46,18 +46,31 @@ class StudySettings:
     post: PostOptions = field(default_factory=PostOptions)
     baseline: bool = True
     """Run the model-free ``intensity`` baseline first (its row leads table 1); ``--no-baseline`` turns it off."""
+    k_shots: Sequence[int] = (0,)
+    """Few-shot dimension: 0 = zero-shot; K > 0 adds ``<setup>+<K>shot`` cells for methods with a few-shot mode."""
+    references: str = "auto"
+    """Where K > 0 cells draw normal references: 'auto' (the training split) or a folder."""
+    prompts: str | None = None
+    """Prompt set for the methods that take one (None: the official 'industrial' words)."""
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)
 
 
 def cells(settings: StudySettings) -> list[tuple[str, str]]:
-    """The (method, setup) pairs to run: every method x setup, training-free methods industrial only."""
+    """The (method, setup) pairs to run: every method x setup, training-free methods industrial only.
+
+    With ``k_shots`` beyond 0, methods that have a few-shot mode get ``<setup>+<K>shot`` cells too (they
+    share the zero-shot cell's training); the ``intensity`` baseline leads unless switched off.
+    """
     from .train.config import SETUPS
 
     for setup in settings.setups:
         if setup not in SETUPS:
             raise InputError(f"unknown setup {setup!r}; use some of {', '.join(SETUPS)}")
-    grid = [(m, s) for m in settings.methods if m != BASELINE_METHOD
-            for s in settings.setups if s == "industrial" or m not in TRAINING_FREE]
+    from .methods import method_class
+
+    grid = [(m, s if k == 0 else f"{s}+{k}shot") for m in settings.methods if m != BASELINE_METHOD
+            for s in settings.setups if s == "industrial" or m not in TRAINING_FREE
+            for k in settings.k_shots if k == 0 or method_class(m).supports_references]
     return ([(BASELINE_METHOD, BASELINE_SETUP)] if settings.baseline or BASELINE_METHOD in settings.methods else []) + grid
 
 
@@ -109,35 +122,48 @@ def _released_or_none(config, settings: StudySettings) -> tuple[Any, str]:
 
 def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path], split: Any) -> dict[str, Any]:
     """Train (if the setup needs it) and infer one cell; returns what ``done.json`` records."""
-    from .methods import build_method
+    from .methods import build_method, method_class
     from .train import run_training
 
     cell = settings.out / "cells" / f"{method}-{setup}"
     if method == BASELINE_METHOD:
         return _run_baseline_cell(settings, cell, cases, split)
+    setup, _, shots = setup.partition("+")
+    k_shot = int(shots.removesuffix("shot")) if shots else 0
     config, note = _released_or_none(_config(settings, method, setup), settings)
     if note:
         settings.log(f"note: {note}")
     weights = config.weights
     trained = setup in ("finetune", "brats", "pmc") and config.epochs > 0
     if trained:
-        train_dir = cell / "train"
+        train_dir = settings.out / "cells" / f"{method}-{setup}" / "train"  # shared by the setup's k-shot cells
         resume = (train_dir / "checkpoints" / "last.safetensors").is_file()
         run_training(config, settings.data, train_dir, split_file=settings.out / "split.json", resume=resume, progress=False)
         best = train_dir / "checkpoints" / "best.safetensors"
         weights = str(best if best.is_file() else train_dir / "checkpoints" / "last.safetensors")
+    prompts = {"prompts": settings.prompts} if settings.prompts and "prompts" in method_class(method).options else {}
     method_obj = build_method(method, config.backbone, weights=weights, image_size=config.image_size,
-                              device=settings.device or "auto", init_seed=config.seed, **config.method_options())
+                              device=settings.device or "auto", init_seed=config.seed, **config.method_options(), **prompts)
     base = {**method_obj.describe(), "weights": weights, "trained": trained, "note": note, "config": config.to_dict()}
     # Runs of another modality than the study's t2w carry it in their label, so a report over two studies
     # (e.g. t2w and the t1c+t2w+t2f composite) shows them side by side instead of colliding.
     label = setup if config.modality == "t2w" else f"{setup}+{config.modality}"
+    if prompts and settings.prompts != "industrial":
+        label += f"+{Path(settings.prompts).stem}"
+    if k_shot:
+        label += f"+{k_shot}shot"
+        by_id = {case_id_of(p): p for p in cases}
+        pool_options = CaseOptions(modality=config.modality, references=settings.references, k_shot=k_shot,
+                                   reference_seed=settings.seed)
+        base["references"] = ReferencePool(pool_options, method_obj, [by_id[i] for i in split.train])
     variants = [("maps", label, PostOptions())]
     if settings.post != PostOptions():
         variants.append((f"maps-{variant_tag(settings.post)}", f"{label}+{variant_tag(settings.post)}", settings.post))
+    pool = base.pop("references", None)
     for folder, label, post in variants:
-        _infer_split(settings, method_obj, config.modality, post, cases, split.test, cell / folder, {**base, "setup": label})
-    record = {**base, "setup": setup, "runs": [folder for folder, _, _ in variants]}
+        _infer_split(settings, method_obj, config.modality, post, cases, split.test, cell / folder, {**base, "setup": label},
+                     references=pool)
+    record = {**base, "setup": setup, "k_shot": k_shot, "runs": [folder for folder, _, _ in variants]}
     write_json(cell / "done.json", record)
     return record
 
@@ -174,19 +200,19 @@ def variant_tag(post: PostOptions) -> str:
 
 
 def _infer_split(settings: StudySettings, method_obj, modality: str, post: PostOptions, cases: list[Path],
-                 test_ids: list[str], maps_dir: Path, record: dict[str, Any]) -> None:
+                 test_ids: list[str], maps_dir: Path, record: dict[str, Any], references: ReferencePool | None = None) -> None:
     """Maps, masks and per-case metrics of the test cases, plus ``infer.json`` (what ``report`` reads)."""
+    shots = {} if references is None else {"references": references.options.references, "k_shot": references.options.k_shot,
+                                           "reference_seed": references.options.reference_seed}
     options = CaseOptions(modality=modality, views=post.views, fuse=post.fuse, restrict_to_brain=post.restrict_to_brain,
                           smooth3d_mm=post.smooth3d_mm, min_component=post.min_component, threshold=settings.threshold,
-                          batch_size=settings.batch_size)
-    modalities = options.modalities
+                          batch_size=settings.batch_size, **shots)
     by_id = {case_id_of(p): p for p in cases}
     for case_id in test_ids:
         case = load_case(by_id[case_id], modalities=options.modalities_to_load)
-        result = run_case(case, method_obj, options)
+        result = run_case(case, method_obj, options, references=references)
         write_case_outputs(result, case, maps_dir / case_id)
-    write_json(maps_dir / "infer.json", {**record, "modality": "+".join(modalities), "axis": "+".join(post.views),
-                                         **post.describe(), "threshold": settings.threshold, "cases": list(test_ids)})
+    write_json(maps_dir / "infer.json", {**record, **options.describe(), "cases": list(test_ids)})
 
 
 def run_study(settings: StudySettings) -> list[Path]:

@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     add_case_arguments(p)
     p.add_argument("--axis", default=None, choices=["axial", "coronal", "sagittal"], help="slicing axis (default axial); same as --views with one view")
+    p.add_argument("--prompts", default=None, metavar="industrial|medical|FILE",
+                   help="prompt set of methods with hand-written prompts (vand, winclip, anovl, adaclip)")
     p.add_argument("--device", default="auto")
     p.add_argument("--image-size", type=int, default=240)
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     ranks = init_distributed(torch.device("cpu"))
     cases = all_cases[ranks.rank :: ranks.world]
     method = build_method(args.method, args.backbone, weights=args.weights, image_size=args.image_size,
-                          device=rank_device(resolve_device(args.device), ranks))
+                          device=rank_device(resolve_device(args.device), ranks),
+                          **({"prompts": args.prompts} if args.prompts else {}))
     description = method.describe()
     if method.backbone.random_weights:
         print(f"note: backbone {method.backbone.label}: results come from random weights and mean nothing", file=sys.stderr)

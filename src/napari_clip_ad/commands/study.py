@@ -29,6 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--smooth3d", type=float, default=0.0, metavar="SIGMA_MM")
     p.add_argument("--min-component", type=int, default=0, metavar="VOXELS")
     p.add_argument("--lesionwise", action="store_true", help="add BraTS-MET lesion-wise Dice to the report")
+    p.add_argument("--k-shot", default="0", metavar="K[,K...]",
+                   help="few-shot dimension, e.g. 0,4: K > 0 adds <setup>+<K>shot cells for methods with a few-shot mode")
+    p.add_argument("--references", default="auto", metavar="auto|PATH",
+                   help="normal references of the K > 0 cells: auto (tumour-free slices of the training split) or a folder")
+    p.add_argument("--prompts", default=None, metavar="industrial|medical|FILE",
+                   help="prompt set for the methods that take one; a non-default set labels the runs <setup>+<set>")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the model-free intensity baseline (robust z-score) whose row otherwise leads table 1")
     p.set_defaults(func=run)
@@ -49,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         backbone=args.backbone, epochs=args.epochs, device=args.device, seed=args.seed,
         max_slices_per_case=args.max_slices_per_case, batch_size=args.batch_size,
         threshold=rule if isinstance(rule, float) else 0.5, modality=args.modality, post=post,
-        baseline=not args.no_baseline,
+        baseline=not args.no_baseline, k_shots=_k_shots(args.k_shot), references=args.references, prompts=args.prompts,
     )
     runs = run_study(settings)
     report = ["report", *map(str, runs), "--data", str(args.data), "--out", str(args.out / "report"), "--threshold", args.threshold]
@@ -59,3 +65,16 @@ def run(args: argparse.Namespace) -> int:
     if status == 0:
         print(args.out / "report" / "report.md")
     return status
+
+
+def _k_shots(text: str) -> list[int]:
+    """``--k-shot 0,4`` -> [0, 4] (distinct, whole numbers >= 0)."""
+    from ..errors import InputError
+
+    try:
+        values = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 for v in values):
+        raise InputError(f"--k-shot {text!r}: give whole numbers >= 0 separated by commas, e.g. 0,4")
+    return list(dict.fromkeys(values))
