@@ -95,7 +95,10 @@ def run_bmad(root: Path, method: AnomalyMethod, image_score: str = "method", bat
     done = 0
     for batch, images in _batches(items, size):
         raw = torch.from_numpy(images).to(method.device)
-        maps, scores = _predict_batch(method, raw, tuple(images.shape[-2:]), method.default_sigma)
+        try:
+            maps, scores = _predict_batch(method, raw, tuple(images.shape[-2:]), method.default_sigma)
+        except torch.cuda.OutOfMemoryError:
+            raise InputError(f"out of GPU memory at --batch-size {size}; give a smaller --batch-size") from None
         maps_np, scores_np = maps.cpu().numpy(), scores.cpu().numpy().astype(np.float64)
         for item, anomaly_map, score in zip(batch, maps_np, scores_np):
             mask = read_mask(item.mask, anomaly_map.shape)
