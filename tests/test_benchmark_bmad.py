@@ -160,3 +160,20 @@ def test_published_rows_are_printed_beside_this_run():
     assert lines[3].startswith("| **published**: mvfa 4-shot | 92.44 | – | 97.30") and "README" in lines[3]
     assert published_rows("anomalyclip", 0) == []
     assert "none found" in comparison_markdown({}, "anomalyclip zero-shot", [])
+
+
+def test_few_shot_references_are_seeded_draws_from_train_good(shared_data, tmp_path):
+    from napari_clip_ad.bmad import reference_images
+
+    data = build_bmad(shared_data, tmp_path / "bmad")
+    pool = sorted((data / "train/good/img").iterdir())
+    first = reference_images(data, 4, seed=0)
+    assert first == reference_images(data, 4, seed=0) and set(first) <= set(pool) and len(set(first)) == 4
+    assert any(reference_images(data, 4, seed=s) != first for s in range(1, 6))
+    with pytest.raises(InputError, match="6 normal images but --k-shot 7"):
+        reference_images(data, 7, seed=0)
+    flat = tmp_path / "flat"  # bras.py writes train/good/*.png without img/
+    (flat / "train/good").mkdir(parents=True)
+    for path in pool:
+        (flat / "train/good" / path.name).write_bytes(path.read_bytes())
+    assert [p.name for p in reference_images(flat, 4, seed=0)] == [p.name for p in first]
