@@ -1,4 +1,4 @@
-"""Benchmark: pooled pixel AUROC + F1-max over 5 and 50 BraTS-sized volumes vs scikit-learn.
+"""Benchmark: pooled pixel AUROC, F1-max, AP and AUPRO over 5 and 50 BraTS-sized volumes vs scikit-learn.
 
 Each measurement runs in its own subprocess so its peak resident memory (``ru_maxrss`` of that
 process: interpreter, imports, the volume being generated and the metric's buffers) is its own.
@@ -58,8 +58,10 @@ def run_ours(n_volumes: int) -> dict[str, float]:
         del scores, tumour
     start = time.perf_counter()
     auroc, f1max, threshold = acc.auroc(), acc.f1max(), acc.f1max_threshold()
+    ap, aupro = acc.average_precision(), acc.aupro()
     seconds += time.perf_counter() - start
-    return {"seconds": seconds, "auroc": auroc, "f1max": f1max, "threshold": threshold,
+    return {"seconds": seconds, "auroc": auroc, "f1max": f1max, "threshold": threshold, "ap": ap, "aupro": aupro,
+            "ap_bound": acc.average_precision_bound(), "aupro_bound": acc.aupro_bound(), "regions": acc.n_regions,
             "lesion_fraction": lesion / (n_volumes * np.prod(SHAPE)), "peak_rss_mb": peak_rss_mb(),
             "import_rss_mb": import_rss}
 
@@ -81,8 +83,9 @@ def run_sklearn(n_volumes: int) -> dict[str, float]:
     with np.errstate(invalid="ignore", divide="ignore"):
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
     best = int(np.argmax(f1))
+    ap = float(-np.sum(np.diff(recall) * precision[:-1]))  # average_precision_score's formula, same curve
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "auroc": float(auroc), "f1max": float(f1[best]),
+    return {"seconds": seconds, "auroc": float(auroc), "f1max": float(f1[best]), "ap": ap, "aupro": float("nan"),
             "threshold": float(thresholds[min(best, thresholds.size - 1)]), "peak_rss_mb": peak_rss_mb(),
             "import_rss_mb": import_rss}
 
@@ -114,6 +117,12 @@ def main() -> None:
           f"F1-max (scikit-learn - ours) {sk5['f1max'] - ours5['f1max']:.1e}; lesion fraction "
           f"{ours50['lesion_fraction']:.2%} of voxels; 50-volume time / 5-volume scikit-learn time: "
           f"{ours50['seconds'] / sk5['seconds']:.3f}")
+    print("\n| run | volumes | pixel AP | AP bound | AUPRO (3D regions) | AUPRO bound | regions |")
+    print("|---|---|---|---|---|---|---|")
+    for name, n, r in rows:
+        print(f"| {name} | {n} | {r['ap']:.6f} | {r.get('ap_bound', float('nan')):.1e} | {r['aupro']:.6f} "
+              f"| {r.get('aupro_bound', float('nan')):.1e} | {r.get('regions', '')} |")
+    print(f"\n5 volumes: |pixel AP ours - scikit-learn| {abs(ours5['ap'] - sk5['ap']):.1e}")
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,7 @@ from . import __version__
 from .errors import ClipAdError
 
 COMMAND_MODULES = ("sample", "evaluate", "infer", "weights", "demo", "train", "study", "report")
+COMMAND_MODULES += ("benchmark",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,7 +92,9 @@ class PixelAccumulator:
             ValueError: Shapes differ.
         """
         scores, labels = np.asarray(scores), np.asarray(labels)
-        in_region(scores, labels, mask, ("scores", "labels"))  # shape check before labelling
+        if mask is not None and np.shape(mask) != scores.shape:
+            in_region(scores, labels, mask, ("scores", "labels"))  # raises, naming the three shapes
+        in_region(scores, labels, None, ("scores", "labels"))  # shape check before labelling
         positive = labels if labels.dtype == bool else labels != 0
         if mask is not None:
             positive = positive & np.asarray(mask, dtype=bool)

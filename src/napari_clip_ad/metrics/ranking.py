@@ -73,10 +73,12 @@ def level_index(scores: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
     Exact 0 (background, skipped slices, zeroed outside the brain) and exact 1 (clamped maps) are
     common and would otherwise share a bin with nearby scores; kept apart, they stay exact ties.
     """
-    index = bin_index(scores, bins)
-    index += 1
-    index[scores <= 0] = 0
-    index[scores >= 1] = bins + 1
+    # floor(clip(score * bins, 0, bins)) is bins for scores >= 1 and the bin below otherwise; + 1 except at 0.
+    dtype = scores.dtype if scores.dtype in (np.float32, np.float64) else np.float32
+    scaled = np.multiply(scores, dtype.type(bins), dtype=dtype)
+    np.clip(scaled, 0, bins, out=scaled)
+    index = scaled.astype(np.intp)
+    index += scores > 0
     return index
 
 
