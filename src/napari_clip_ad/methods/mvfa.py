@@ -31,7 +31,8 @@ The official module runs batch 1 on a GPU under fp16 autocast (memory bank in fp
 gives the same zero-shot result per image, computed in the backbone's dtype (float32 on the CPU).
 Its ViT loop is hard-coded to 24 blocks and the adapters to 1024 -> 768; here width and embed dim are
 the backbone's (``visual.proj`` shape) and blocks after the last tapped one are not run (their
-output is unused).
+output is unused). Likewise the last level's ``fc2`` only feeds the stream after the last tap, which
+nothing reads: it never gets a gradient, here as in the official training (Adam leaves it unchanged).
 """
 
 from __future__ import annotations
