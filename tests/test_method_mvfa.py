@@ -351,7 +351,7 @@ def test_train_resume_and_infer(cohort: Path, tmp_path: Path) -> None:
     assert any(not torch.equal(untrained[k], a[k]) for k in a)
     method = build_method("mvfa", "tiny-test", weights=last, image_size=IMAGE_SIZE, device="cpu")
     assert all(torch.equal(v, method.trainable_state_dict()[k]) for k, v in a.items())
-    case = sorted(cohort.iterdir())[0]
+    case = min(cohort.iterdir())
     status = cli_main(["infer", str(case), "--method", "mvfa", "--backbone", "tiny-test", "--weights", str(last),
                        "--image-size", str(IMAGE_SIZE), "--device", "cpu", "--modality", "t2f", "--out", str(tmp_path / "out")])
     assert status == 0 and (tmp_path / "out" / f"{case.name}_anomaly.nii.gz").is_file()

@@ -75,7 +75,7 @@ def few_shot_maps(memory: list[torch.Tensor], tokens: list[torch.Tensor], image_
         (B, image_size, image_size) float32 maps; each level contributes values in [0, 2].
     """
     batch, n_tokens = tokens[0].shape[:2]
-    side = int(round(n_tokens**0.5))
+    side = round(n_tokens**0.5)
     total = torch.zeros(batch, image_size, image_size, dtype=torch.float32, device=tokens[0].device)
     for bank, level in zip(memory, tokens):
         bank = bank.to(level.device, torch.float32)
