@@ -54,6 +54,8 @@ class AnomalyMethod(nn.Module):
     """False for model-free methods (the ``intensity`` baseline): ``build_method`` loads no backbone."""
     volume_level: ClassVar[bool] = False
     """True when the method scores whole volumes (``volume_map``) instead of batches of slices."""
+    low_precision_ready: ClassVar[bool] = True
+    """False where the forward does not yet keep heads in fp32 under a bf16 backbone: the method stays fp32."""
     official_fp32: ClassVar[bool] = False
     """The official test runs in fp32 even on a GPU (then precision None keeps fp32 on CUDA too)."""
 
@@ -177,6 +179,11 @@ class AnomalyMethod(nn.Module):
         Raises:
             InputError: Unknown or unsupported precision, or a bf16 model asked to go back to fp32.
         """
+        if not self.low_precision_ready:  # its forward has no fp32/low-precision split yet: stays fp32
+            if precision == "bf16":
+                raise InputError(f"method {self.name!r} runs in fp32 only (its backbone and adapters are not split "
+                                 "into precision regions yet); use --precision fp32 or auto")
+            return self.precision
         resolved = _precision.resolve_precision(precision, self.device, self.clip.visual, self.official_fp32)
         if resolved == self.precision:
             return resolved

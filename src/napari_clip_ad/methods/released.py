@@ -68,6 +68,40 @@ RELEASED: dict[str, ReleasedWeights] = {
     )
 }
 
+MVFA_DATASETS: dict[str, tuple[str, str]] = {
+    # Official object name (checkpoint file <name>.pth in each zip) -> (our name part, BMAD dataset).
+    "Brain": ("brain", "BMAD Brain (BraTS2021 FLAIR slices)"),
+    "Liver": ("liver", "BMAD Liver CT"),
+    "Retina_RESC": ("retina-resc", "BMAD Retina OCT (RESC)"),
+    "Retina_OCT2017": ("retina-oct2017", "BMAD Retina OCT2017"),
+    "Chest": ("chest", "BMAD Chest X-ray"),
+    "Histopathology": ("histopathology", "BMAD Histopathology"),
+}
+"""MVFA-AD's six BMAD objects (``prompt.py`` REAL_NAME, ``dataset/medical_*.py`` CLASS_NAMES)."""
+
+MVFA_ZIPS = {
+    "zero": ("zero-shot.zip", "https://drive.google.com/file/d/1nGhcK32CrkgTR5Rav6rNfptUHaASfRnU/view?usp=sharing"),
+    "few": ("few-shot.zip", "https://drive.google.com/file/d/1bV1yzPxJarTRfd8liMIwyHcGywTTEL2k/view?usp=sharing"),
+}
+"""README (MediaBrain-SJTU/MVFA-AD, commit a30bf7b): two Google Drive zips, one ``<object>.pth`` per object."""
+
+
+def _mvfa_release(mode: str, obj: str) -> ReleasedWeights:
+    short, dataset = MVFA_DATASETS[obj]
+    if mode == "zero":  # train_zero.py --obj X trains on the other five objects (leave-one-out)
+        trained_on = f"BMAD leave-{obj}-out (the 5 other sets)"
+    else:  # train_few.py --obj X --shot 4: 4 normal + 4 abnormal valid images of X, augmented x11
+        trained_on = f"{dataset}, 4 normal + 4 abnormal"
+    archive, link = MVFA_ZIPS[mode]
+    folder = archive.removesuffix(".zip")
+    page = (f"{archive} from {link} (Google Drive, needs a browser; linked in the README of "
+            f"https://github.com/MediaBrain-SJTU/MVFA-AD), unzip it, take {folder}/{obj}.pth")
+    return ReleasedWeights(f"mvfa-{mode}-{short}", "mvfa", trained_on, "openai-vit-l-14-336",
+                           f"mvfa_{folder}_{obj}.pth", "", page)
+
+
+RELEASED.update({w.name: w for w in (_mvfa_release(m, o) for m in MVFA_ZIPS for o in MVFA_DATASETS)})
+
 
 def cache_dir() -> Path:
     """Folder of downloaded method weights: ``$NAPARI_CLIP_AD_CACHE`` or ``~/.cache/napari-clip-ad/weights``."""

@@ -28,6 +28,10 @@ STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
                 # The released checkpoints carry 4 patch heads trained on blocks 6 12 18 24 (official
                 # train.py); the study's [3, 6, 9] applies to the from-scratch setups.
                 "released_layers": [6, 12, 18, 24]},
+    # MVFA-AD (not in the study): train_zero.py settings (50 epochs, batch 1, Adam lr 1e-4, betas 0.5 0.999;
+    # train_few.py uses lr 1e-3 on its 88 augmented shots). Released weights: the zero-shot Brain checkpoint.
+    "mvfa": {"epochs": 50, "batch_size": 1, "lr": 1e-4, "betas": [0.5, 0.999], "layers": None,
+             "released": "mvfa-zero-brain"},
     "anovl": {"epochs": 0, "batch_size": 8, "lr": 0.0, "betas": [0.5, 0.999], "layers": None, "released": None},
 }
 

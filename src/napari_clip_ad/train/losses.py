@@ -54,6 +54,29 @@ IMAGE_LOSS = {"anomalyclip": "cross_entropy", "adaclip": "focal"}
 """Image-level loss of each method's train.py (VAND trains on the maps only)."""
 
 
+def mvfa_loss(details: Any, masks: torch.Tensor) -> torch.Tensor:
+    """MVFA-AD's train_zero.py / train_few.py loss, summed over the tapped levels.
+
+    Per level: ``BCEWithLogitsLoss`` of the det head's mean abnormal *probability* against the image
+    label (a probability fed as a logit: the official quirk, kept), plus, with masks, focal loss on
+    the seg head's 2-channel softmax and ``BinaryDiceLoss`` of its abnormal channel vs the mask (no
+    normal-channel dice, unlike VAND). BraTS slices always have masks (empty for normal slices), so
+    seg and det losses are always both used, as for the official segmentation datasets.
+
+    Args:
+        details: :class:`~napari_clip_ad.methods.mvfa.MvfaDetails` (``layer_probs`` (B, L, 2, H, W),
+            ``det_scores`` (B, L)).
+        masks: (B, H, W) in {0, 1}.
+    """
+    labels = masks.flatten(1).amax(dim=1).float()
+    total = masks.new_zeros((), dtype=torch.float32)
+    for level in range(details.layer_probs.shape[1]):
+        total = total + F.binary_cross_entropy_with_logits(details.det_scores[:, level].float(), labels)
+        probs = details.layer_probs[:, level].float()
+        total = total + focal_loss(probs, masks) + dice_loss(probs[:, 1], masks)
+    return total
+
+
 def method_loss(details: Any, masks: torch.Tensor, method: str) -> torch.Tensor:
     """Training loss of one batch from a method's head output.
 
@@ -65,6 +88,8 @@ def method_loss(details: Any, masks: torch.Tensor, method: str) -> torch.Tensor:
         method: Method name: picks the image-level loss against "slice has tumour" (:data:`IMAGE_LOSS`):
             cross-entropy of ``image_logits`` (AnomalyCLIP) or focal loss on ``image_probs`` (AdaCLIP).
     """
+    if method == "mvfa":
+        return mvfa_loss(details, masks)
     layer_probs = getattr(details, "layer_probs", None)
     if layer_probs is None:
         abnormal = details.unit_maps()
