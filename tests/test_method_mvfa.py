@@ -248,7 +248,6 @@ def test_official_checkpoint_loads_and_clears_a_stale_memory(images: torch.Tenso
 @pytest.mark.parametrize(
     ("checkpoint", "message"),
     [
-        (official_checkpoint(3), "has 3 adapter pairs but the method taps 4 blocks"),
         (official_checkpoint(width=128), r"needs \(64, 64\).*another backbone"),
         ({"seg_adapters": official_checkpoint()["seg_adapters"]}, "not an MVFA-AD checkpoint"),
         ({"trainable_linearlayer": {"fc.0.weight": torch.zeros(2, 2)}}, "not an MVFA-AD checkpoint"),
@@ -356,3 +355,39 @@ def test_train_resume_and_infer(cohort: Path, tmp_path: Path) -> None:
                        "--image-size", str(IMAGE_SIZE), "--device", "cpu", "--modality", "t2f", "--out", str(tmp_path / "out")])
     assert status == 0 and (tmp_path / "out" / f"{case.name}_anomaly.nii.gz").is_file()
     assert json.loads((tmp_path / "out" / "infer.json").read_text())["weights"] == str(last)
+
+
+def test_volume_engine_normalises_few_shot_over_the_whole_volume(method: MVFA) -> None:
+    """run_volume fuses MVFA few-shot maps over all analysed slices (official: the evaluated set), whatever the batch."""
+    from napari_clip_ad.engine import run_volume
+    from napari_clip_ad.engine.preprocess import preprocess_slices
+
+    rng = np.random.default_rng(3)
+    volume = rng.normal(100, 20, (5, 48, 48)).astype(np.float32)
+    volume[:, :, :6] = 0
+    refs = normalise(method, torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9)))
+    method.set_references(refs)
+    try:
+        by_one = run_volume(volume, method, batch_size=1, sigma=0)
+        by_five = run_volume(volume, method, batch_size=5, sigma=0)
+        assert np.allclose(by_one.anomaly_map, by_five.anomaly_map, atol=1e-6)
+        images = preprocess_slices(torch.from_numpy(volume), SIZE, method.backbone.mean, method.backbone.std)
+        with torch.no_grad():
+            expected, scores = fuse_set(*method.few_shot_components(images))
+        resized = F.interpolate(expected[:, None], size=(48, 48), mode="bilinear", align_corners=False)[:, 0]
+        np.testing.assert_allclose(by_one.anomaly_map, resized.clamp(0, 1).numpy(), atol=1e-5)
+        np.testing.assert_allclose(by_one.scores, scores.numpy(), atol=1e-6)
+        assert "whole volume" in by_one.info["few_shot_normalisation"]
+    finally:
+        method.set_references(None)
+
+
+def test_three_adapter_checkpoint_fixes_the_layers_unless_named(tmp_path: Path) -> None:
+    """Issue 13 item 8 for MVFA-AD: the adapters fix the tapped blocks (official rule) unless layers are given."""
+    path = tmp_path / "three.pth"
+    torch.save(official_checkpoint(3), path)
+    built = build_method("mvfa", "tiny-test", weights=path, device="cpu")
+    step = len(built.clip.visual.transformer.resblocks) // 3
+    assert built.layers == [step, 2 * step, 3 * step] and "checkpoint" in built.describe()["layers_from"]
+    with pytest.raises(WeightsError, match="has 3 adapter pairs but the method taps 4 blocks"):
+        build_method("mvfa", "tiny-test", weights=path, device="cpu", layers=[1, 2, 3, 4])

@@ -92,6 +92,39 @@ def _predict_batch(
     return maps.clamp_(0.0, 1.0), output.scores.float(), peaks
 
 
+def _set_normalised_volume(method: AnomalyMethod, stack: np.ndarray, todo: np.ndarray, out_hw: tuple[int, int], sigma: float,
+                           batch_size: int, maps: np.ndarray, scores: np.ndarray, progress: ProgressCallback | None,
+                           cancel: Callable[[], bool] | None) -> None:
+    """Maps of a method whose official fusion normalises over the evaluated set (MVFA-AD few-shot).
+
+    Pass 1 collects every analysed slice's components at image size; the fusion runs once over the whole
+    volume; pass 2 smooths and resizes like :func:`_predict_batch`. Fills ``maps`` and ``scores`` in place.
+    """
+    device, parts = method.device, []
+    was_training = method.training
+    method.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(todo), batch_size):
+                if cancel is not None and cancel():
+                    raise Cancelled("cancelled")
+                raw = torch.from_numpy(np.ascontiguousarray(stack[todo[start:start + batch_size]], dtype=np.float32)).to(device)
+                images = preprocess_slices(raw, method.image_size, method.backbone.mean, method.backbone.std)
+                parts.append([c.float().cpu() for c in method.set_components(images)])
+                if progress:
+                    progress(min(start + batch_size, len(todo)), len(todo))
+            fused, fused_scores = method.fuse_set_components([torch.cat(c) for c in zip(*parts)])
+            for start in range(0, len(todo), batch_size):
+                batch = (fused[start:start + batch_size] / method.map_max).clamp(0.0, 1.0)
+                batch = smooth_maps(batch, sigma)
+                if tuple(batch.shape[-2:]) != out_hw:
+                    batch = F.interpolate(batch[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
+                maps[todo[start:start + batch_size]] = batch.clamp_(0.0, 1.0).numpy()
+    finally:
+        method.train(was_training)
+    scores[todo] = fused_scores.numpy()
+
+
 def _auto_batch_size(method: AnomalyMethod, stack: torch.Tensor, out_hw: tuple[int, int], sigma: float) -> int:
     """Largest CUDA batch that should fit: peak memory of a 2-slice batch, scaled to the free memory.
 
@@ -175,6 +208,12 @@ def run_volume(
     out_hw = tuple(brain_slices.shape[1:])
     maps = np.zeros((n_slices, *out_hw), dtype=np.float32)
     scores = np.zeros(n_slices, dtype=np.float32)
+    if method.set_normalised and len(todo):  # official maps normalised over the evaluated set: the whole volume
+        _set_normalised_volume(method, stack, todo, out_hw, sigma, int(batch_size), maps, scores, progress, cancel)
+        info = {**method.describe(), "modality": "+".join(modalities), "sigma": sigma, "batch_size": int(batch_size),
+                "axis": axis if isinstance(axis, str) else ["axial", "coronal", "sagittal"][ax], "device": str(device),
+                "precision": method.precision, "slices_analysed": int(len(todo)), "slices_total": int(n_slices)}
+        return VolumeResult(np.ascontiguousarray(np.moveaxis(maps, 0, ax)), scores, analysed, info)
     peaks = np.zeros(n_slices, dtype=np.float32)
     on_gpu = device.type == "cuda"
     if on_gpu and len(todo):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -213,6 +214,23 @@ class AnomalyMethod(nn.Module):
             )
         if not torch.isfinite(images).all():
             raise InputError("reference images contain NaN/inf values; preprocess them like the slices to analyse")
+
+    @property
+    def set_normalised(self) -> bool:
+        """True when the official maps are normalised over the evaluated set (MVFA-AD few-shot).
+
+        Then the volume engine collects :meth:`set_components` of every slice and calls
+        :meth:`fuse_set_components` once over the whole volume; ``predict`` normalises over its call.
+        """
+        return False
+
+    def set_components(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:  # pragma: no cover - optional
+        """Per-image map components before the set-wise fusion (only where :attr:`set_normalised`)."""
+        raise NotImplementedError
+
+    def fuse_set_components(self, components: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        """(maps (S, H, W) in [0, map_max], scores (S,)) of a whole evaluated set from its components."""
+        raise NotImplementedError
 
     def set_scores(self, scores: torch.Tensor, peaks: torch.Tensor) -> torch.Tensor:
         """Image scores of an evaluated set, where the official score normalises over that set.

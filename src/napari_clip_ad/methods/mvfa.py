@@ -319,6 +319,19 @@ class MVFA(AnomalyMethod):
         few = few_shot_maps(self._memory, [t[:, 1:] for t in seg_tokens], self.image_size)
         return zero, few
 
+    @property
+    def set_normalised(self) -> bool:
+        """Few-shot maps are min-max normalised over the evaluated set (the volume engine: the whole volume)."""
+        return self._memory is not None
+
+    def set_components(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(zero-shot maps, few-shot maps) of a batch, fused over the whole set by :meth:`fuse_set_components`."""
+        return self.few_shot_components(images)
+
+    def fuse_set_components(self, components) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        """The official fusion over the evaluated set: ``0.5 minmax(zero) + 0.5 minmax(few)``, score = map max."""
+        return fuse_set(*components)
+
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         """Zero-shot: raw maps (sum of levels) and det scores. Few-shot: the fused map over this batch."""
         if self._memory is None:
@@ -332,7 +345,8 @@ class MVFA(AnomalyMethod):
         info = super().describe()
         info["k_shot"] = self._n_references
         if self._memory is not None:
-            info["few_shot_normalisation"] = "min-max over the images of each predict call (official: the evaluated set)"
+            info["few_shot_normalisation"] = ("min-max over the evaluated set (official): predict's call, or the whole "
+                                              "volume in run_volume / infer / the study")
         return info
 
     # --- official checkpoints ----------------------------------------------------------------
