@@ -389,3 +389,11 @@ def test_negative_or_non_finite_sigma_is_refused_by_the_library(vand, sigma):
     with pytest.raises(InputError, match="sigma"):
         smooth_maps(torch.zeros(2, 4, 4), sigma)
     assert torch.equal(smooth_maps(torch.ones(2, 4, 4), 0), torch.ones(2, 4, 4))
+
+
+def test_training_free_method_is_not_described_as_released_weights(tmp_path, capsys):
+    cohort = tmp_path / "cohort"
+    write_case(cohort / CASE)
+    assert main(["train", "--method", "anovl", "--setup", "brats", "--data", str(cohort), "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "anovl runs 0 epochs" in err and "None" not in err
