@@ -298,6 +298,34 @@ def test_an_error_after_a_progress_bar_starts_on_its_own_line(monkeypatch, capsy
     assert "error: a failure inside the run" in err.split("\n")
 
 
+def test_on_a_terminal_the_error_line_is_cleared_from_its_start(monkeypatch):
+    """Nested bars: the outer loop's bar closes first and leaves the cursor mid-line on the inner bar's line."""
+    import io
+
+    from tqdm import tqdm
+
+    import napari_clip_ad.commands.infer as infer_command
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+
+    def fails_in_a_nested_loop(args):
+        for _ in tqdm(range(2), desc="cases", file=sys.stderr, ncols=80):
+            inner = tqdm(total=4, desc="slices", file=sys.stderr, leave=False, ncols=80)
+            inner.update(2)
+            raise InputError("a failure inside the run")
+
+    monkeypatch.setattr(infer_command, "run", fails_in_a_nested_loop)
+    assert main(["infer", "somewhere", "--out", "elsewhere"]) == 2
+    before, found, _ = terminal.getvalue().rpartition("error: a failure inside the run")
+    assert found and "slices" in before
+    assert before.endswith("\r\x1b[K")  # back to column 0, the rest of the line erased
+
+
 # --- the same rules through the library ------------------------------------------------------------
 
 
