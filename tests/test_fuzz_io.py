@@ -47,7 +47,7 @@ def _elements() -> st.SearchStrategy[float]:
 def _values(dtype: str, shape: tuple[int, ...]) -> st.SearchStrategy[np.ndarray]:
     if dtype == "rgb":
         return arrays(np.uint8, (*shape, 3)).map(_as_rgb)
-    if dtype.startswith("float") or dtype.startswith("complex"):
+    if dtype.startswith(("float", "complex")):
         width = 32 if dtype in ("float32", "complex64") else 64
         elements = _elements()
         if width == 32:  # values that do not fit a float32 are generated as float64, then cast like a scanner would

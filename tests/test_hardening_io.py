@@ -117,7 +117,7 @@ def _claims_2gib(root: Path) -> tuple[Path, str]:
 def _more_data_than_declared(root: Path) -> tuple[Path, str]:
     folder = write_case(root / CASE)
     plain = gzip.decompress(t2w(folder).read_bytes())
-    t2w(folder).write_bytes(gzip.compress(plain) + gzip.compress(b"\0" * (8 << 20)))
+    t2w(folder).write_bytes(gzip.compress(plain + b"\0" * (8 << 20)))  # one stream, 8 MiB past the declared end
     return folder, t2w(folder).name
 
 
@@ -298,6 +298,34 @@ def test_an_error_after_a_progress_bar_starts_on_its_own_line(monkeypatch, capsy
     assert "error: a failure inside the run" in err.split("\n")
 
 
+def test_on_a_terminal_the_error_line_is_cleared_from_its_start(monkeypatch):
+    """Nested bars: the outer loop's bar closes first and leaves the cursor mid-line on the inner bar's line."""
+    import io
+
+    from tqdm import tqdm
+
+    import napari_clip_ad.commands.infer as infer_command
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+
+    def fails_in_a_nested_loop(args):
+        for _ in tqdm(range(2), desc="cases", file=sys.stderr, ncols=80):
+            inner = tqdm(total=4, desc="slices", file=sys.stderr, leave=False, ncols=80)
+            inner.update(2)
+            raise InputError("a failure inside the run")
+
+    monkeypatch.setattr(infer_command, "run", fails_in_a_nested_loop)
+    assert main(["infer", "somewhere", "--out", "elsewhere"]) == 2
+    before, found, _ = terminal.getvalue().rpartition("error: a failure inside the run")
+    assert found and "slices" in before
+    assert before.endswith("\r\x1b[K")  # back to column 0, the rest of the line erased
+
+
 # --- the same rules through the library ------------------------------------------------------------
 
 
@@ -389,3 +417,11 @@ def test_negative_or_non_finite_sigma_is_refused_by_the_library(vand, sigma):
     with pytest.raises(InputError, match="sigma"):
         smooth_maps(torch.zeros(2, 4, 4), sigma)
     assert torch.equal(smooth_maps(torch.ones(2, 4, 4), 0), torch.ones(2, 4, 4))
+
+
+def test_training_free_method_is_not_described_as_released_weights(tmp_path, capsys):
+    cohort = tmp_path / "cohort"
+    write_case(cohort / CASE)
+    assert main(["train", "--method", "anovl", "--setup", "brats", "--data", str(cohort), "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "anovl runs 0 epochs" in err and "None" not in err

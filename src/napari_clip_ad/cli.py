@@ -57,8 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _end_progress_bars() -> None:
     """Close the progress bars still shown, so that an error starts on its own line.
 
-    A bar leaves its line unfinished while it runs; closed, a transient bar clears its line and a kept
-    one ends it. On a stream that is not a terminal the cleared line is still there: end it.
+    A bar leaves its line unfinished while it runs. Closing them can leave the cursor mid-line (an outer
+    bar closed first by its loop moves the inner ones), so on a terminal the line is then cleared from
+    its start; on any other stream it is ended.
     """
     if "tqdm" not in sys.modules:
         return
@@ -67,8 +68,8 @@ def _end_progress_bars() -> None:
     bars = [bar for bar in list(getattr(tqdm, "_instances", ())) if not bar.disable]
     for bar in sorted(bars, key=lambda bar: -abs(getattr(bar, "pos", 0))):  # inner bars first
         bar.close()
-    if bars and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
-        sys.stderr.write("\n")
+    if bars:
+        sys.stderr.write("\r\x1b[K" if hasattr(sys.stderr, "isatty") and sys.stderr.isatty() else "\n")
     sys.stderr.flush()
 
 

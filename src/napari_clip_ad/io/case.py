@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +118,9 @@ def _resolve(path: Path) -> _Found:
                 return _found_in(layout, root, case_id)
         raise InputError(f"{path}: a single file is not a case; give its case folder ({expected_names()})")
     if not path.is_dir():
+        if path.is_symlink():
+            raise InputError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist); "
+                             "restore the target or remove the link")
         raise InputError(f"{path}: no such case folder")
     candidates = [_found_in(layout, path, path.name) for layout in LAYOUTS]
     best = max(candidates, key=_n_modalities, default=None)  # the first of the best, in LAYOUTS order
@@ -359,7 +364,7 @@ def find_cases(root: str | Path, max_depth: int = 3) -> list[Path]:
             raise InputError(f"{root}: no case found; {reasons[0]}{more}")
         raise InputError(f"{root}: no case found; expected case folders in one of: {expected_names()}")
     cases = sorted(found.values(), key=lambda p: (case_id_of(p), str(p)))
-    for first, second in zip(cases, cases[1:]):
+    for first, second in itertools.pairwise(cases):
         if case_id_of(first) == case_id_of(second):
             raise InputError(f"{second}: case id {case_id_of(second)!r} also names {first}; "
                              "rename or remove one (their outputs would overwrite each other)")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import io_orientation
 
 from ..errors import InputError
 
@@ -44,6 +43,7 @@ class DeclaredImage:
         dtype: The stored voxel type.
         offset: Byte offset of the voxels in the (uncompressed) file.
         scaled: True when ``scl_slope``/``scl_inter`` turn the voxels into float64.
+        free_memory: :func:`available_memory` when the header was checked (None: unknown).
     """
 
     image_class: type[nib.Nifti1Image]
@@ -51,6 +51,7 @@ class DeclaredImage:
     dtype: np.dtype
     offset: int
     scaled: bool
+    free_memory: int | None = None
 
     @property
     def n_voxels(self) -> int:
@@ -190,9 +191,6 @@ def check_affine(affine: np.ndarray, where: str | Path) -> None:
         angle = math.degrees(math.acos(min(1.0, float(cosines.max()))))
         raise InputError(f"{where}: two voxel axes of the affine are only {angle:.0f} degrees apart (a degenerate or "
                          f"strongly sheared sform/qform; at least {MIN_AXIS_ANGLE_DEG:.0f} needed); fix or resample the image")
-    ornt = io_orientation(affine)
-    if np.isnan(ornt).any() or len(set(ornt[:, 0].astype(int))) != 3:
-        raise InputError(f"{where}: the affine's axes cannot be matched to world axes; fix or resample the image")
 
 
 def _affine(header: nib.Nifti1Header, path: Path) -> None:
@@ -218,13 +216,14 @@ def inspect_header(blob: bytes, image_class: type[nib.Nifti1Image], path: Path) 
     _affine(header, path)
     slope, inter = (float(header["scl_slope"]), float(header["scl_inter"]))
     scaled = math.isfinite(slope) and slope != 0 and (slope != 1 or (math.isfinite(inter) and inter != 0))
-    declared = DeclaredImage(image_class, shape, dtype, max(int(header["vox_offset"]), header.sizeof_hdr + 4), scaled)
+    free = available_memory()
+    offset = max(int(header["vox_offset"]), header.sizeof_hdr + 4)
+    declared = DeclaredImage(image_class, shape, dtype, offset, scaled, free)
     limit = max_volume_bytes()
     what = f"{'x'.join(map(str, shape))} voxels of {dtype.name}"
     if declared.file_bytes > limit:
         raise InputError(f"{path}: the header declares {what} ({_size(declared.file_bytes)} uncompressed), above the "
                          f"{_size(limit)} limit; nothing was decompressed (raise {MAX_VOLUME_GB_ENV} if the file is genuine)")
-    free = available_memory()
     if free is not None and declared.memory_bytes > free:
         raise InputError(f"{path}: the header declares {what}; reading it needs about {_size(declared.memory_bytes)} "
                          f"of memory and only {_size(free)} is available; free memory or use a smaller image")

@@ -105,6 +105,7 @@ def strip_nifti_ext(name: str) -> str:
 _GZIP_MAGIC = b"\x1f\x8b"
 _MAX_HEADER_BYTES = 540  # a NIfTI-2 header; NIfTI-1 needs 348
 _TRAILING_SLACK = 1 << 16  # bytes tolerated past the declared end of the voxels (padding)
+_MAX_DEFLATE_RATIO = 1032  # deflate inflates one input byte to at most ~1032 output bytes
 _HEADER_SIZES: dict[int, type[nib.Nifti1Image]] = {348: nib.Nifti1Image, 540: nib.Nifti2Image}
 
 
@@ -138,7 +139,8 @@ def _read_validated(path: Path) -> tuple[bytes, DeclaredImage]:
             if not head:
                 raise InputError(f"{path}: empty file; re-download or re-export it")
             if head[:2] == _GZIP_MAGIC:
-                return _gunzip_validated(head + handle.read(), path)
+                handle.seek(0)
+                return _gunzip_validated(handle.read(), path)
             image_class = _image_class(head)
             if image_class is None:
                 if path.name.endswith(".gz"):
@@ -167,7 +169,19 @@ def _gunzip_validated(raw: bytes, path: Path) -> tuple[bytes, DeclaredImage]:
     if len(head) < image_class.header_class.sizeof_hdr:
         _inflate(raw, path, limit=_TRAILING_SLACK)
     declared = inspect_header(head, image_class, path)
-    blob = _inflate(raw, path, limit=declared.file_bytes + _TRAILING_SLACK)
+    limit = declared.file_bytes + _TRAILING_SLACK
+    blob = b""
+    # One zlib call into one buffer is about 15% faster than the bounded inflate, but unbounded: take it only
+    # when even the most a stream this size could inflate to (deflate's ratio) fits the limit or half the free
+    # memory, so that a stream lying about its size is refused below without exhausting memory.
+    worst = len(raw) * _MAX_DEFLATE_RATIO
+    if worst <= limit or worst <= (declared.free_memory or 0) // 2:
+        try:
+            blob = zlib.decompress(raw, wbits=31, bufsize=declared.file_bytes)
+        except zlib.error:
+            blob = b""  # _inflate says what is wrong
+    if len(blob) < declared.file_bytes or len(blob) > limit:  # several members (bgzip, concatenated), or broken
+        blob = _inflate(raw, path, limit=limit)
     if len(blob) < declared.file_bytes:
         raise InputError(f"{path}: truncated: the header declares {declared.file_bytes} bytes and the gzip data holds "
                          f"{len(blob)}; re-download or re-export it")
