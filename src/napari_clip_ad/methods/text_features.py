@@ -36,7 +36,7 @@ FORMAT_VERSION = 1
 """Bump when the meaning of cached entries changes (then old entries are simply not found)."""
 CHUNK = 512
 """Sentences per text-tower forward (bounds memory on long prompt lists)."""
-_TOWER_HASHES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+_TOWER_HASHES: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 def text_cache_dir() -> Path | None:
@@ -148,8 +148,8 @@ def _load(path: Path, key: str, names: set[str] | None) -> dict[str, torch.Tenso
         with safe_open(str(path), framework="pt") as handle:
             if (handle.metadata() or {}).get("key") != key:
                 return None
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception:  # unreadable, truncated or not safetensors: rebuilt by the caller
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except Exception:  # noqa: BLE001 - unreadable, truncated or not safetensors: rebuilt by the caller
         return None
     if not tensors or (names is not None and set(tensors) != names):
         return None
