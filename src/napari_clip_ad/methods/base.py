@@ -49,6 +49,10 @@ class AnomalyMethod(nn.Module):
     """Activation the official code runs the backbone with (None: keep the backbone's own)."""
     options: ClassVar[dict[str, Any]] = {}
     """Accepted keyword options and their defaults (others are refused)."""
+    vision_only: ClassVar[bool] = False
+    """True where the method needs no text tower (it then accepts vision-only backbones such as DINOv2)."""
+    smooth_after_resize: ClassVar[bool] = False
+    """True where the official code resizes the map to the original image first and smooths there."""
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ from ..errors import InputError
 from .base import AnomalyMethod
 
 METHODS: dict[str, type[AnomalyMethod]] = {}
-_BUILTIN_MODULES = ("vand", "anomalyclip", "anovl", "adaclip", "winclip")
+_BUILTIN_MODULES = ("vand", "anomalyclip", "anovl", "adaclip", "winclip", "anomalydino", "musc")
 
 
 def register_method(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:
@@ -94,6 +94,8 @@ def build_method(
             set_activation(backbone.model, cls.quick_gelu)
     else:
         backbone = load_backbone(str(backbone), device="cpu", quick_gelu=cls.quick_gelu)
+    if backbone.info.get("family") == "dinov2" and not cls.vision_only:
+        raise InputError(f"method {cls.name!r} needs a CLIP backbone with a text tower; {backbone.name!r} is a vision-only DINOv2 (use it with anomalydino or musc)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         method = cls(backbone, image_size=image_size, **options)
