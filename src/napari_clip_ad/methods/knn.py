@@ -71,7 +71,10 @@ def mean_of_lowest(distances_fn, n_queries: int, n_bank: int, k: int, device: to
         kept = torch.topk(both, min(k, both.shape[1]), dim=1, largest=False, sorted=True).values
     kth = kept[:, k - 1 : k]
     below = kept < kth
-    return (kept * below).sum(1) / below.sum(1)
+    count = below.sum(1)
+    # Where the k smallest all tie, nothing lies strictly below: the official code returns NaN (0 / 0);
+    # the tied distance itself is returned instead.
+    return torch.where(count > 0, (kept * below).sum(1) / count.clamp_min(1), kth[:, 0])
 
 
 def lowest_cosine_mean(
@@ -101,7 +104,7 @@ def lowest_cosine_mean(
 
 
 def per_image_nearest_l2(
-    queries: torch.Tensor, refs: torch.Tensor, max_elements: int = MAX_ELEMENTS
+    queries: torch.Tensor, refs: torch.Tensor, max_elements: int = MAX_ELEMENTS, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
     """For each query patch and each reference image, the L2 distance to that image's nearest patch.
 
@@ -111,6 +114,7 @@ def per_image_nearest_l2(
     Args:
         queries: (Q, C) features.
         refs: (R, L, C) features of R reference images with L patches each.
+        valid: Optional (R, L) bool: only these patches count (an image without any gives +inf).
 
     Returns:
         (Q, R) float32 distances.
@@ -131,5 +135,7 @@ def per_image_nearest_l2(
             for q0 in range(0, q_all.shape[0], q_rows):
                 q = q_all[q0 : q0 + q_rows]
                 d = q_norm[q0 : q0 + q_rows, None] + r_norm[None] - 2.0 * (q @ flat.t())
+                if valid is not None:
+                    d = d.masked_fill(~valid[r0 : r0 + nr].reshape(1, -1), float("inf"))
                 out[q0 : q0 + q_rows, r0 : r0 + nr] = d.view(q.shape[0], nr, n_patches).amin(2)
     return out.clamp_min_(0.0).sqrt_()
