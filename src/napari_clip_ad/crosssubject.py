@@ -145,8 +145,10 @@ def subject_features(
     from .atomic import atomic_path
 
     index = np.flatnonzero(subject.brain.reshape(subject.brain.shape[0], -1).any(axis=1))
+    # anomalydino and musc tap the same tokens of a DINOv2 (final-norm block outputs): one cache entry
+    kind = "dinov2-norm" if method.backbone.info.get("family") == "dinov2" else method.name
     key = hashlib.sha1(
-        f"{_weights_key(method)}|{method.name}|{getattr(method, 'layers', '')}|{method.image_size}|{subject.case_id}|{subject.content_hash()}".encode()
+        f"{_weights_key(method)}|{kind}|{getattr(method, 'layers', '')}|{method.image_size}|{subject.case_id}|{subject.content_hash()}".encode()
     ).hexdigest()[:24]
     path = None if cache_dir is None else Path(cache_dir) / f"{key}.safetensors"
     if path is not None and path.is_file():
