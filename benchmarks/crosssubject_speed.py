@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import napari_clip_ad.crosssubject as cs  # noqa: E402
-from napari_clip_ad.methods import build_method  # noqa: E402
-from napari_clip_ad.methods.knn import nearest_sq_l2  # noqa: E402
+import napari_clip_ad.crosssubject as cs
+from napari_clip_ad.methods import build_method
+from napari_clip_ad.methods.knn import nearest_sq_l2
 
 
 def _subject(case_id: str, n_slices: int, seed: int) -> cs.Subject:

@@ -27,11 +27,15 @@ from scipy.ndimage import gaussian_filter
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from imgfocus_dinov2 import FEATURES_NAME, converted_file  # noqa: E402
+from imgfocus_dinov2 import FEATURES_NAME, converted_file
 
-from napari_clip_ad.crosssubject import CrossSubjectSettings, score_volume, subject_from_case  # noqa: E402
-from napari_clip_ad.io import load_case  # noqa: E402
-from napari_clip_ad.methods import build_method  # noqa: E402
+from napari_clip_ad.crosssubject import (
+    CrossSubjectSettings,
+    score_volume,
+    subject_from_case,
+)
+from napari_clip_ad.io import load_case
+from napari_clip_ad.methods import build_method
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CASES = (

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 import napari_clip_ad.crosssubject as cs
-from napari_clip_ad.crosssubject import CrossSubjectSettings, Subject, choose_references, depth_pooled, relative_levels, score_volume
+from napari_clip_ad.crosssubject import (
+    CrossSubjectSettings,
+    Subject,
+    choose_references,
+    depth_pooled,
+    relative_levels,
+    score_volume,
+)
 from napari_clip_ad.errors import InputError
 from napari_clip_ad.methods import build_method
 

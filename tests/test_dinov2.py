@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from napari_clip_ad.backbones import BACKBONES, load_backbone
-from napari_clip_ad.backbones.dinov2 import dinov2_features, official_patch_pos_embed, set_dinov2_image_size, tiny_dinov2_state
+from napari_clip_ad.backbones.dinov2 import (
+    dinov2_features,
+    official_patch_pos_embed,
+    set_dinov2_image_size,
+    tiny_dinov2_state,
+)
 from napari_clip_ad.errors import InputError, WeightsError
 from napari_clip_ad.methods import build_method
 

@@ -16,12 +16,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from imgfocus_dinov2 import FEATURES_NAME, converted_file, onnx_path  # noqa: E402
+from imgfocus_dinov2 import FEATURES_NAME, converted_file, onnx_path
 
-from napari_clip_ad.backbones.dinov2 import tiny_dinov2_state  # noqa: E402
-from napari_clip_ad.crosssubject import CrossSubjectSettings, score_volume, subject_from_case  # noqa: E402
-from napari_clip_ad.io import load_case  # noqa: E402
-from napari_clip_ad.methods import build_method  # noqa: E402
+from napari_clip_ad.backbones.dinov2 import tiny_dinov2_state
+from napari_clip_ad.crosssubject import (
+    CrossSubjectSettings,
+    score_volume,
+    subject_from_case,
+)
+from napari_clip_ad.io import load_case
+from napari_clip_ad.methods import build_method
 
 STEP = 8
 

@@ -264,8 +264,8 @@ def _slice_distances(method: AnomalyMethod, query: torch.Tensor, q_brain: torch.
         if q_brain.any() and bank.shape[0]:
             out[q_brain.to(device)] = nearest_sq_l2(q[q_brain.to(device)], bank) / 2.0
         return out
-    from .methods.musc import TOPMIN_MAX, lnamd
     from .methods.knn import per_image_nearest_l2
+    from .methods.musc import TOPMIN_MAX, lnamd
 
     k = max(1, int(refs.shape[0] * TOPMIN_MAX))
     per_r = []
@@ -359,7 +359,7 @@ def score_volume(
         "settings": asdict(settings),
         "sigma": sigma,
         "references_per_slice": {"min": int(min(used, default=0)), "max": int(max(used, default=0))},
-        "slices_analysed": int(len(index)),
+        "slices_analysed": len(index),
         "slices_total": int(n_slices),
         "seconds": round(time.perf_counter() - started, 3),
     }
