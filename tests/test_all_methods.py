@@ -19,11 +19,14 @@ import torch.nn.functional as F
 from napari_clip_ad.cli import main
 from napari_clip_ad.engine import preprocess_slices, run_volume
 from napari_clip_ad.io import load_case
-from napari_clip_ad.methods import build_method, list_methods, smooth_maps
+from napari_clip_ad.methods import build_method, list_methods, method_class, smooth_maps
 
 CROP = (slice(144, 208), slice(60, 124), slice(83, 87))
 """Source (x, y, z) crop: 64 x 64 voxels x 4 axial slices through the tumour of both real cases."""
 IMAGE_SIZE = 112
+TEXT_METHODS = [name for name in list_methods() if not method_class(name).vision_only]
+"""The CLIP-prompted methods (tiny-test backbone). The training-free vision-only methods (anomalydino, musc:
+DINOv2, references or a cohort) have their own tests: test_method_anomalydino.py, test_method_musc.py."""
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def cohort(crop_real_cohort, tmp_path_factory) -> Path:
     return crop_real_cohort(tmp_path_factory.mktemp("all-methods") / "cohort", CROP)
 
 
-@pytest.fixture(scope="module", params=list_methods())
+@pytest.fixture(scope="module", params=TEXT_METHODS)
 def method(request):
     return build_method(request.param, "tiny-test", image_size=IMAGE_SIZE, device="cpu")
 
@@ -64,7 +67,7 @@ def test_run_volume_equals_the_method_slice_by_slice(method, cohort):
         assert result.scores[k] == pytest.approx(float(output.scores[0]), abs=1e-4)
 
 
-@pytest.mark.parametrize("name", list_methods())
+@pytest.mark.parametrize("name", TEXT_METHODS)
 def test_infer_writes_aligned_maps_and_metrics_for_each_method(name, cohort, tmp_path):
     status = main(["infer", str(cohort), "--method", name, "--backbone", "tiny-test", "--device", "cpu",
                    "--image-size", str(IMAGE_SIZE), "--batch-size", "4", "--out", str(tmp_path)])

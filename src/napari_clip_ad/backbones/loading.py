@@ -139,9 +139,11 @@ def load_backbone(
         from .local_file import load_local_checkpoint
 
         backbone = load_local_checkpoint(Path(name).expanduser(), trusted=trusted)
+    elif name in BACKBONES and BACKBONES[name].family == "dinov2":
+        backbone = _load_dinov2(BACKBONES[name])
     else:
         backbone = _load_named(name)
-    if quick_gelu is not None:
+    if quick_gelu is not None and backbone.info.get("family") != "dinov2":
         set_activation(backbone.model, quick_gelu)
     backbone.info["quick_gelu"] = quick_gelu
     backbone.model = _freeze(backbone.model, device)
@@ -177,6 +179,29 @@ def _spec_for(name: str) -> BackboneSpec:
         f"unknown backbone {name!r}.{hint} Use one of {', '.join(BACKBONES)}, an open_clip 'ARCH:TAG', "
         "an 'hf-hub:org/repo' name, or a local checkpoint file"
     )
+
+
+def dinov2_backbone(state: dict[str, torch.Tensor], name: str, source: str, random_weights: bool = False) -> Backbone:
+    """A vision-only DINOv2 :class:`Backbone` (ImageNet mean/std, no tokenizer) from a state dict."""
+    from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, build_dinov2, no_text
+
+    model, info = build_dinov2(state, source)
+    return Backbone(name, model, no_text, info["arch"], source, random_weights, IMAGENET_MEAN, IMAGENET_STD, info)
+
+
+def is_dinov2(backbone: Backbone) -> bool:
+    """True for a vision-only DINOv2 backbone."""
+    return backbone.info.get("family") == "dinov2"
+
+
+def _load_dinov2(spec: BackboneSpec) -> Backbone:
+    from .dinov2 import TINY_DINOV2, load_named_dinov2, tiny_dinov2_state
+
+    if spec.random_weights:
+        state = tiny_dinov2_state(0, TINY_DINOV2["registers"], TINY_DINOV2["depth"], TINY_DINOV2["width"], TINY_DINOV2["grid"])
+        return dinov2_backbone(state, spec.name, "random weights", random_weights=True)
+    state, source = load_named_dinov2(spec.name)
+    return dinov2_backbone(state, spec.name, source)
 
 
 def _load_named(name: str) -> Backbone:

@@ -75,6 +75,12 @@ def load_local_checkpoint(path: Path, trusted: bool = False):
     from .loading import Backbone
 
     state = read_state_dict(path, trusted=trusted)
+    from .dinov2 import is_dinov2_state
+
+    if is_dinov2_state(state):
+        from .loading import dinov2_backbone
+
+        return dinov2_backbone(state, str(path), str(path))
     if "visual.proj" not in state or "token_embedding.weight" not in state:
         raise WeightsError(
             f"{path}: not a CLIP ViT checkpoint in OpenAI/open_clip format (no visual.proj or token_embedding.weight); "

@@ -16,6 +16,7 @@ class BackboneSpec:
         quick_gelu: Activation the weights were trained with.
         description: One line for listings.
         random_weights: True for test architectures with no pretrained weights.
+        family: "clip" (open_clip model with a text tower) or "dinov2" (vision only, ImageNet mean/std).
     """
 
     name: str
@@ -24,6 +25,7 @@ class BackboneSpec:
     quick_gelu: bool = False
     description: str = ""
     random_weights: bool = False
+    family: str = "clip"
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -48,6 +50,19 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec(
             "tiny-test", "tiny-test", random_weights=True,
             description="tiny random-weights ViT (width 64, 12 blocks, patch 14) for tests and smoke runs",
+        ),
+        *(
+            BackboneSpec(
+                f"dinov2-vit{size}14{reg}", f"dinov2_vit{size}14{'_reg' if reg else ''}", family="dinov2",
+                description=f"DINOv2 ViT-{size.upper()}/14{' with 4 registers' if reg else ''} (LVD-142M; vision only: "
+                "AnomalyDINO, MuSc; torch-hub file, or timm weights in the HF cache)",
+            )
+            for reg in ("", "-reg")
+            for size in ("s", "b", "l", "g")
+        ),
+        BackboneSpec(
+            "tiny-dinov2", "tiny-dinov2", random_weights=True, family="dinov2",
+            description="tiny random-weights DINOv2 layout (width 64, 12 blocks, patch 14, native 224 px) for tests",
         ),
     )
 }

@@ -86,6 +86,11 @@ def _predict_batch(
     output = method.predict(images, over_set=False)
     peaks = output.maps.float().flatten(1).amax(dim=1)
     maps = output.unit_maps().float()
+    if getattr(method, "smooth_after_resize", False):
+        # Official order of e.g. AnomalyDINO (dists2map): resize to the original image, then smooth.
+        if tuple(maps.shape[-2:]) != out_hw:
+            maps = F.interpolate(maps[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
+        return smooth_maps(maps, sigma).clamp_(0.0, 1.0), output.scores.float()
     maps = smooth_maps(maps, sigma)
     if tuple(maps.shape[-2:]) != out_hw:
         maps = F.interpolate(maps[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]

@@ -59,6 +59,10 @@ class AnomalyMethod(nn.Module):
     """False where the forward does not yet keep heads in fp32 under a bf16 backbone: the method stays fp32."""
     official_fp32: ClassVar[bool] = False
     """The official test runs in fp32 even on a GPU (then precision None keeps fp32 on CUDA too)."""
+    vision_only: ClassVar[bool] = False
+    """True where the method needs no text tower (it then accepts vision-only backbones such as DINOv2)."""
+    smooth_after_resize: ClassVar[bool] = False
+    """True where the official code resizes the map to the original image first and smooths there."""
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
         super().__init__()

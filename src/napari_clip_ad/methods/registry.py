@@ -14,7 +14,7 @@ from ..errors import InputError
 from .base import AnomalyMethod
 
 METHODS: dict[str, type[AnomalyMethod]] = {}
-_BUILTIN_MODULES = ("vand", "anomalyclip", "anovl", "adaclip", "winclip", "intensity", "mvfa")
+_BUILTIN_MODULES = ("vand", "anomalyclip", "anovl", "adaclip", "winclip", "intensity", "mvfa", "anomalydino", "musc")
 
 
 def register_method(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:
@@ -102,6 +102,8 @@ def build_method(
             set_activation(backbone.model, cls.quick_gelu)
     else:
         backbone = load_backbone(str(backbone), device="cpu", quick_gelu=cls.quick_gelu)
+    if backbone.info.get("family") == "dinov2" and not cls.vision_only:
+        raise InputError(f"method {cls.name!r} needs a CLIP backbone with a text tower; {backbone.name!r} is a vision-only DINOv2 (use it with anomalydino or musc)")
     loaded, origin = None, None
     if weights is not None:
         from .checkpoints import checkpoint_layers, read_weights_file
@@ -126,5 +128,8 @@ def build_method(
 
 
 def _n_blocks(backbone: Backbone) -> int:
-    """Number of transformer blocks of the backbone's visual tower."""
-    return len(backbone.model.visual.transformer.resblocks)
+    """Number of transformer blocks of the backbone's visual tower (open_clip towers; timm trunks' ``blocks``)."""
+    visual = getattr(backbone.model, "visual", backbone.model)
+    transformer = getattr(visual, "transformer", None)
+    blocks = getattr(transformer, "resblocks", None) if transformer is not None else getattr(visual, "blocks", None)
+    return len(blocks) if blocks is not None else 0
