@@ -126,3 +126,23 @@ def test_k_shot_cells_use_training_references(tmp_path):
     for path in (out / "cells" / "vand-brats+4shot" / "maps").glob("*_metrics.json"):
         used = json.loads(path.read_text())["references_used"]["axial"]["references"]
         assert len(used) == 4 and {r["case_id"] for r in used} <= set(split["train"])
+
+
+def test_trainfree_cells_score_against_the_training_split(tmp_path):
+    """--setups trainfree: anomalydino and musc in cross-subject mode, references = the training split's subjects."""
+    full, cohort = tmp_path / "full", tmp_path / "cohort"
+    for case in write_cohort(full, n_cases=4, seed=5):
+        (cohort / case.name).mkdir(parents=True)
+        for path in sorted(case.glob("*.nii.gz")):
+            nib.save(nib.load(path).slicer[72:168, 72:168, 60:72], cohort / case.name / path.name)
+    out = tmp_path / "trainfree"
+    args = ["study", "--data", str(cohort), "--out", str(out), "--methods", "anomalydino", "musc", "--setups", "trainfree",
+            "--backbone", "tiny-test", "--device", "cpu"]
+    assert main(args) == 0
+    with open(out / "report" / "table1.csv") as handle:
+        rows = [(r["method"], r["setup"]) for r in csv.DictReader(handle)]
+    assert rows[0] == ("intensity", "baseline") and set(rows[1:]) == {("anomalydino", "trainfree"), ("musc", "trainfree")}
+    split = json.loads((out / "split.json").read_text())
+    info = json.loads(next((out / "cells" / "anomalydino-trainfree" / "maps").glob("*_metrics.json")).read_text())
+    assert info["mode"] == "cross-subject" and set(info["pool"]) <= set(split["train"]) and info["case_id"] not in info["pool"]
+    assert "tiny-dinov2" in json.loads((out / "cells" / "anomalydino-trainfree" / "done.json").read_text())["note"]

@@ -109,7 +109,8 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("references", "--references", "references",
                "few-shot normal references: 'auto' (tumour-free slices of other cases: the cohort's for infer, the "
                "training split's for the study) or a folder of normal cases or PNG/JPEG slices; empty = zero-shot"),
-    OptionSpec("k_shot", "--k-shot", "k-shot", "number of normal reference slices with --references (0 = zero-shot)"),
+    OptionSpec("k_shot", "--k-shot", "k-shot", "normal reference slices with --references (0 = zero-shot; default 4 few-shot, "
+               "16 per target slice in the cross-subject mode of anomalydino/musc)"),
     OptionSpec("precision", "--precision", "precision",
                "frozen backbone precision: auto (bf16 where the CPU/GPU supports it and it is faster), fp32, bf16",
                ("auto", "fp32", "bf16")),
@@ -133,7 +134,8 @@ class CaseOptions:
         batch_size: Slices per forward pass; None = the engine's default for the device.
         references: Few-shot normal references: 'auto' or a folder (see :mod:`napari_clip_ad.references`);
             None = zero-shot.
-        k_shot: Number of reference slices (0 = zero-shot even with ``references``).
+        k_shot: Number of reference slices (0 = zero-shot even with ``references``; None = the mode's default:
+            4 few-shot references per view, 16 reference slices per target slice in cross-subject mode).
         reference_seed: Seed of the reference draw.
         precision: Frozen-backbone precision: 'auto' (bf16 where the hardware runs it natively and the model is
             wide enough, see :mod:`napari_clip_ad.methods.precision`), 'fp32', 'bf16'; None = the method's as built.
@@ -149,7 +151,7 @@ class CaseOptions:
     threshold: float = 0.5
     batch_size: int | None = None
     references: str | None = None
-    k_shot: int = 4
+    k_shot: int | None = None
     reference_seed: int = 0
     precision: str | None = "auto"
 
@@ -164,7 +166,7 @@ class CaseOptions:
             raise InputError(f"--sigma {self.sigma:g}: give a finite number >= 0 (0 = no smoothing)" if isinstance(self.sigma, (int, float)) else f"--sigma {self.sigma!r}: give a number >= 0")
         if not math.isfinite(self.smooth3d_mm):
             raise InputError(f"--smooth3d {self.smooth3d_mm}: give a finite sigma in mm >= 0 (0 = no smoothing)")
-        if isinstance(self.k_shot, bool) or not isinstance(self.k_shot, int) or self.k_shot < 0:
+        if self.k_shot is not None and (isinstance(self.k_shot, bool) or not isinstance(self.k_shot, int) or self.k_shot < 0):
             raise InputError(f"--k-shot {self.k_shot!r}: give a whole number >= 0 (0 = zero-shot)")
         if self.references is not None and not str(self.references).strip():
             object.__setattr__(self, "references", None)
@@ -192,7 +194,7 @@ class CaseOptions:
     @property
     def few_shot(self) -> bool:
         """True when references are to be used (a source and k-shot >= 1)."""
-        return self.references is not None and self.k_shot > 0
+        return self.references is not None and self.k_shot != 0
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready provenance of the options (as ``infer.json`` and the layers' metadata record them)."""

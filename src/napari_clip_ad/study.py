@@ -23,6 +23,9 @@ from .io import case_id_of, find_cases, load_case, load_split, save_split, split
 STUDY_METHODS = ("vand", "anomalyclip", "anovl", "adaclip")
 BASELINE_METHOD, BASELINE_SETUP = "intensity", "baseline"
 """The model-free reference every method is read against (robust z-score inside the brain)."""
+TRAINFREE_SETUP = "trainfree"
+"""Training-free methods that use the cohort (cross-subject mode): references from the training split."""
+CROSS_SUBJECT = ("anomalydino", "musc")
 TRAINING_FREE = ("anovl", "winclip")
 """Methods evaluated in the industrial setup only (the study: 'AnoVL was only evaluated on industrial')."""
 
@@ -64,13 +67,19 @@ def cells(settings: StudySettings) -> list[tuple[str, str]]:
     from .train.config import SETUPS
 
     for setup in settings.setups:
-        if setup not in SETUPS:
-            raise InputError(f"unknown setup {setup!r}; use some of {', '.join(SETUPS)}")
+        if setup not in (*SETUPS, TRAINFREE_SETUP):
+            raise InputError(f"unknown setup {setup!r}; use some of {', '.join((*SETUPS, TRAINFREE_SETUP))}")
     from .methods import method_class
 
-    grid = [(m, s if k == 0 else f"{s}+{k}shot") for m in settings.methods if m != BASELINE_METHOD
-            for s in settings.setups if s == "industrial" or m not in TRAINING_FREE
-            for k in settings.k_shots if k == 0 or method_class(m).supports_references]
+    def runs_in(method: str, setup: str) -> bool:
+        if method in CROSS_SUBJECT:
+            return setup == TRAINFREE_SETUP
+        return setup != TRAINFREE_SETUP and (setup == "industrial" or method not in TRAINING_FREE)
+
+    grid = [(m, s if k == 0 or s == TRAINFREE_SETUP else f"{s}+{k}shot") for m in settings.methods if m != BASELINE_METHOD
+            for s in settings.setups if runs_in(m, s)
+            for k in settings.k_shots if k == 0 or (method_class(m).supports_references and s != TRAINFREE_SETUP)]
+    grid = list(dict.fromkeys(grid))
     return ([(BASELINE_METHOD, BASELINE_SETUP)] if settings.baseline or BASELINE_METHOD in settings.methods else []) + grid
 
 
@@ -128,6 +137,8 @@ def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path]
     cell = settings.out / "cells" / f"{method}-{setup}"
     if method == BASELINE_METHOD:
         return _run_baseline_cell(settings, cell, cases, split)
+    if setup == TRAINFREE_SETUP:
+        return _run_trainfree_cell(settings, method, cell, cases, split)
     setup, _, shots = setup.partition("+")
     k_shot = int(shots.removesuffix("shot")) if shots else 0
     config, note = _released_or_none(_config(settings, method, setup), settings)
@@ -164,6 +175,35 @@ def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path]
         _infer_split(settings, method_obj, config.modality, post, cases, split.test, cell / folder, {**base, "setup": label},
                      references=pool)
     record = {**base, "setup": setup, "k_shot": k_shot, "runs": [folder for folder, _, _ in variants]}
+    write_json(cell / "done.json", record)
+    return record
+
+
+def _run_trainfree_cell(settings: StudySettings, method: str, cell: Path, cases: list[Path], split: Any) -> dict[str, Any]:
+    """A training-free method in cross-subject mode: each test case against the training split's subjects."""
+    from .backbones import is_random_backbone
+    from .crosssubject import method_defaults
+    from .methods import build_method, method_class
+
+    backbone, note = settings.backbone, ""
+    if backbone is not None and method_class(method).default_backbone.startswith("dinov2") and not backbone.startswith(("dinov2", "tiny-dinov2")):
+        if not is_random_backbone(backbone):
+            raise InputError(f"{method}/{TRAINFREE_SETUP} needs a DINOv2 backbone, not {backbone!r}; drop --backbone or give a dinov2-* one")
+        backbone, note = "tiny-dinov2", f"{method} needs a DINOv2 backbone: random tiny-dinov2 instead of {settings.backbone}"
+        settings.log(f"note: {note}")
+    probe = build_method(method, backbone, image_size=224, device=settings.device or "auto", init_seed=settings.seed)
+    n_blocks = len(getattr(probe.clip, "blocks", None) or probe.clip.visual.transformer.resblocks)
+    method_obj = build_method(method, backbone, device=settings.device or "auto", init_seed=settings.seed,
+                              **method_defaults(method, n_blocks))
+    base = {**method_obj.describe(), "weights": None, "trained": False, "note": note, "config": {"modality": settings.modality}}
+    modality = settings.modality if "+" not in settings.modality else settings.modality.split("+")[0]
+    label = TRAINFREE_SETUP if modality == "t2w" else f"{TRAINFREE_SETUP}+{modality}"
+    by_id = {case_id_of(p): p for p in cases}
+    pool = ReferencePool(CaseOptions(modality=modality, references=settings.references, reference_seed=settings.seed),
+                         method_obj, [by_id[i] for i in split.train])
+    _infer_split(settings, method_obj, modality, PostOptions(), cases, split.test, cell / "maps", {**base, "setup": label},
+                 references=pool)
+    record = {**base, "setup": TRAINFREE_SETUP, "runs": ["maps"]}
     write_json(cell / "done.json", record)
     return record
 

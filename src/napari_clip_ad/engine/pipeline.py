@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,10 @@ class ReferencePool:
     """
 
     def __init__(self, options: CaseOptions, method: AnomalyMethod, training_cases: Sequence[str | Path] = ()) -> None:
+        if cross_subject(method):
+            self.options, self.method, self.training_cases = options, method, list(training_cases)
+            self._per_view, self._subjects = {}, None
+            return
         if not method.supports_references:  # refused before any reference is drawn
             raise InputError(f"method {method.name!r} has no few-shot mode with normal references; "
                              "drop --references (or use --k-shot 0)")
@@ -77,9 +81,74 @@ class ReferencePool:
 
         if view not in self._per_view:
             self._per_view[view] = CohortReferences(
-                self.options.references, self.method, k_shot=self.options.k_shot, modality=self.options.modalities,
+                self.options.references, self.method, k_shot=self.options.k_shot or DEFAULT_K_SHOT, modality=self.options.modalities,
                 axis=view, training_cases=self.training_cases, seed=self.options.reference_seed)
         return self._per_view[view].for_case(case_id)
+
+
+    def subjects(self) -> list[Any]:
+        """The pool of cross-subject mode: every reference case as a Subject (lesions kept out where labelled)."""
+        from ..crosssubject import subject_from_case
+        from ..io import find_cases, load_case
+
+        if self._subjects is None:
+            source = self.options.references
+            if str(source) == "auto":
+                paths = self.training_cases
+            else:
+                folder = Path(str(source)).expanduser()
+                if not folder.is_dir():
+                    raise InputError(f"--references {source}: no such folder; give 'auto' or a folder of other subjects' cases")
+                paths = find_cases(folder)
+            modality = self.options.modalities[0]
+            self._subjects = [subject_from_case(load_case(p, modalities=[modality]), modality) for p in paths]
+        return self._subjects
+
+
+DEFAULT_K_SHOT = 4
+"""Few-shot references per view when ``--k-shot`` is not given."""
+
+
+def feature_cache_dir() -> Path | None:
+    """Folder of cached per-subject features of cross-subject mode (``NAPARI_CLIP_AD_FEATURE_CACHE``; ``off`` disables)."""
+    import os
+
+    root = os.environ.get("NAPARI_CLIP_AD_FEATURE_CACHE")
+    if root is not None and root.strip().lower() in ("off", "0", "false", "no", ""):
+        return None
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "napari-clip-ad" / "subject-features"
+
+
+def cross_subject(method: AnomalyMethod) -> bool:
+    """True for the training-free methods whose references run in cross-subject volume mode (anomalydino, musc)."""
+    from ..crosssubject import CROSS_SUBJECT_METHODS
+
+    return method.name in CROSS_SUBJECT_METHODS
+
+
+def _run_cross_subject(case: Case, method: AnomalyMethod, options: CaseOptions, pool: ReferencePool) -> tuple[np.ndarray, dict[str, Any], list[VolumeResult]]:
+    """Cross-subject scoring of one case against other subjects at matched levels (never its own patient)."""
+    from ..crosssubject import DEFAULT_SETTINGS, score_volume, subject_from_case
+    from ..io import patient_id
+    from ..postprocess3d import restrict_to_brain, smooth3d
+
+    if options.views != ("axial",) or len(options.modalities) != 1:
+        raise InputError(f"{method.name} cross-subject mode runs on axial slices of one modality; drop --views / the composite")
+    target = subject_from_case(case, options.modalities[0], with_lesion=False)
+    others = [s for s in pool.subjects() if patient_id(s.case_id) != patient_id(case.case_id)]
+    settings = DEFAULT_SETTINGS if options.k_shot is None else replace(DEFAULT_SETTINGS, k=options.k_shot)
+    if options.sigma is not None:
+        settings = replace(settings, sigma=options.sigma)
+    result = score_volume(method, target, others, settings, cache_dir=feature_cache_dir())
+    anomaly_map = result.anomaly_map
+    if options.smooth3d_mm > 0:
+        anomaly_map = smooth3d(anomaly_map, options.smooth3d_mm, case.spacing)
+    if options.restrict_to_brain:
+        anomaly_map = restrict_to_brain(anomaly_map, case.brain_mask)
+    info = {**result.info, "modality": options.modality, "axis": "axial", **options.post.describe()}
+    return anomaly_map, info, [result]
 
 
 def run_case(
@@ -117,6 +186,11 @@ def run_case(
         else:
             method.set_references(None)
 
+    if options.few_shot and cross_subject(method):
+        anomaly_map, info, results = _run_cross_subject(case, method, options, references)
+        anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
+        mask = threshold_mask(anomaly_map, options.threshold, options.min_component)
+        return CaseResult(anomaly_map, mask, {**info, **options.describe(), "case_id": case.case_id}, results, options)
     try:
         anomaly_map, info, results = run_views(case, method, options.post, modality=options.modalities,
                                                batch_size=options.batch_size, sigma=options.sigma, precision=options.precision,
