@@ -116,7 +116,9 @@ def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path]
     if trained:
         train_dir = cell / "train"
         resume = (train_dir / "checkpoints" / "last.safetensors").is_file()
-        run_training(config, settings.data, train_dir, split_file=settings.out / "split.json", resume=resume, progress=False)
+        # A cell's folder without a checkpoint is an unfinished start of this study: start it again.
+        run_training(config, settings.data, train_dir, split_file=settings.out / "split.json", resume=resume,
+                     overwrite=not resume, progress=False)
         best = train_dir / "checkpoints" / "best.safetensors"
         weights = str(best if best.is_file() else train_dir / "checkpoints" / "last.safetensors")
     method_obj = build_method(method, config.backbone, weights=weights, image_size=config.image_size,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json, write_text
-from ..errors import InputError
+from ..outputs import check_output_folder, output_lock, staged_files
 from ..report.collect import (
     LESION_COLUMNS,
     METRIC_NAMES,
@@ -55,16 +55,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate every map; returns 0 (user errors raise :class:`InputError`)."""
     threshold_rule = parse_threshold(args.threshold)
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError(f"{args.out}: exists and is not a folder; give a folder for --out")
+    check_output_folder(args.out)
     options = ScoringOptions(restrict_to_brain=args.restrict_to_brain, min_component=args.min_component,
                              lesionwise=args.lesionwise)
     pairs = match_maps(args.maps, args.data)
     scores = score_maps(pairs, threshold_rule, args.region, args.data, options=options)
     summary = summarise(scores)
     columns = (*CSV_COLUMNS[:-1], *LESION_COLUMNS, CSV_COLUMNS[-1]) if args.lesionwise else CSV_COLUMNS
-    write_text(args.out / "per_case.csv", _csv([case.row() for case in scores.cases], columns))
-    write_json(args.out / "summary.json", summary)
+    with output_lock(args.out, "evaluate"), staged_files(args.out, last="summary.json") as staging:
+        write_text(staging / "per_case.csv", _csv([case.row() for case in scores.cases], columns))
+        write_json(staging / "summary.json", summary)
     lesion = f", lesion-wise dice {summary['lesion_dice_mean']:.4f}" if args.lesionwise else ""
     print(f"evaluated {len(pairs)} cases: dice {summary['dice_mean']:.4f}{lesion}, AUROC {_fmt(summary['auroc'])}, "
           f"F1-max {_fmt(summary['f1max'])} -> {args.out}")

@@ -98,11 +98,12 @@ def resolve_weights(weights: str | Path) -> Path:
     return path
 
 
-def save_method_weights(method: AnomalyMethod, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+def save_method_weights(method: AnomalyMethod, path: str | Path, metadata: dict[str, Any] | None = None,
+                        header: dict[str, str] | None = None) -> Path:
     """Write the trainable parts as safetensors (atomically) plus a ``.json`` sidecar.
 
     The safetensors header records format, method, backbone architecture and image size, so a file
-    for another method or backbone is refused when loaded.
+    for another method or backbone is refused when loaded; ``header`` adds fields (training: epoch, step).
     """
     from safetensors.torch import save_file
 
@@ -117,6 +118,7 @@ def save_method_weights(method: AnomalyMethod, path: str | Path, metadata: dict[
     }
     if getattr(method, "layers", None):
         meta["layers"] = json.dumps([int(i) for i in method.layers])
+    meta.update({str(k): str(v) for k, v in (header or {}).items()})
     state = {k: v.detach().cpu().contiguous() for k, v in method.trainable_state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)

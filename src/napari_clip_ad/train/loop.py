@@ -189,21 +189,28 @@ class Trainer:
             return
         meta = {"setup": self.config.setup, "config": self.config.to_dict(), "epoch": self.epoch, "step": self.step,
                 "metrics": metrics, "backbone_label": self.method.backbone.label}
+        stamp = {"epoch": self.epoch, "step": self.step}  # in every file's header: a torn save is detected on resume
         if metrics["val_dice"] > self.best:
             self.best = metrics["val_dice"]
-            save_method_weights(self.method, self.checkpoints / "best.safetensors", meta)
+            save_method_weights(self.method, self.checkpoints / "best.safetensors", meta, header=stamp)
         save_train_state(self.checkpoints / "train_state.safetensors", self.optimizer,
                          {"epoch": self.epoch, "step": self.step, "best_val_dice": self.best})
-        save_method_weights(self.method, self.checkpoints / "last.safetensors", meta)
+        save_method_weights(self.method, self.checkpoints / "last.safetensors", meta, header=stamp)
 
     def resume(self) -> None:
         """Continue from checkpoints/last.safetensors and its training state."""
         last = self.checkpoints / "last.safetensors"
         if not last.is_file():
             raise InputError(f"{last}: no checkpoint to resume from; run without --resume")
+        weights_stamp = _weights_stamp(last)
         load_method_weights(self.method, last)
         scalars = load_train_state(self.checkpoints / "train_state.safetensors", self.optimizer)
         self.epoch, self.step, self.best = int(scalars["epoch"]), int(scalars["step"]), float(scalars["best_val_dice"])
+        if weights_stamp is not None and (weights_stamp["epoch"], weights_stamp["step"]) != (self.epoch, self.step):
+            # A kill between the state and weights writes: optimizer of one epoch, weights of another.
+            raise InputError(f"{self.checkpoints}: torn checkpoint: last.safetensors holds epoch {weights_stamp['epoch']} "
+                             f"but train_state holds epoch {self.epoch} (the run was killed while saving); it cannot be "
+                             "resumed exactly: restart with --overwrite (best.safetensors keeps the best weights so far)")
         _truncate_metrics(self.run_dir / "metrics.jsonl", self.epoch)
 
     def fit(self) -> list[dict[str, Any]]:
@@ -230,16 +237,40 @@ class Trainer:
         return history
 
     def _log(self, record: dict[str, Any]) -> None:
-        if self.dist.main:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+        if self.dist.main:  # rewritten whole (atomically): a kill never leaves half a line
+            path = self.run_dir / "metrics.jsonl"
+            lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+            write_json_lines(path, [*(line for line in lines if line.strip()), json.dumps(record)])
+
+
+def _weights_stamp(path: Path) -> dict[str, int] | None:
+    """Epoch and step of a checkpoint: its header, else (files before the stamps) its sidecar; None if neither."""
+    from .state import read_stamp
+
+    stamp = read_stamp(path)
+    if stamp is None:
+        try:
+            side = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+            stamp = {"epoch": int(side["epoch"]), "step": int(side["step"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return stamp
 
 
 def _truncate_metrics(path: Path, epoch: int) -> None:
     """Drop metric lines of epochs after ``epoch`` (written by a run killed before its checkpoint)."""
     if path.is_file():
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                record_epoch = int(record["epoch"])
+            except (ValueError, KeyError, TypeError):
+                raise InputError(f"{path}: line {number} is damaged (not a metrics record: {line[:40]!r}); delete that "
+                                 f"line (the checkpoint is at epoch {epoch}) and rerun with --resume") from None
+            if record_epoch <= epoch:
+                kept.append(line)
         write_json_lines(path, kept)
 
 
