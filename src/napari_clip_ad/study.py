@@ -174,9 +174,17 @@ def _infer_split(settings: StudySettings, method_obj, modality: str, post: PostO
 
 def run_study(settings: StudySettings) -> list[Path]:
     """Run (or resume) the whole grid, then write the report; returns the cells' map folders."""
-    settings.out.mkdir(parents=True, exist_ok=True)
-    cases, split = study_split(settings)
+    from .outputs import output_lock
+
     grid = cells(settings)
+    for method, setup in grid:
+        _config(settings, method, setup)  # every flag checked (seed, epochs...) before anything is written
+    with output_lock(settings.out, "study"):
+        return _run_grid(settings, grid)
+
+
+def _run_grid(settings: StudySettings, grid: list[tuple[str, str]]) -> list[Path]:
+    cases, split = study_split(settings)
     write_json(settings.out / "study.json", {"data": str(settings.data), "cells": [f"{m}-{s}" for m, s in grid],
                                              "train_cases": split.train, "test_cases": split.test})
     runs = []

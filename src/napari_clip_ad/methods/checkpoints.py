@@ -11,7 +11,7 @@ import torch
 
 from .. import __version__
 from ..atomic import atomic_path, write_json
-from ..backbones.local_file import is_torchscript
+from ..backbones.local_file import ACCEPTED_FORMATS, check_tensors, is_torchscript, unreadable
 from ..errors import WeightsError
 from .base import AnomalyMethod
 from .released import RELEASED, local_path
@@ -136,7 +136,8 @@ def read_our_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             meta = handle.metadata() or {}
             state = {k: handle.get_tensor(k) for k in handle.keys()}
     except Exception as exc:
-        raise WeightsError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:160]})") from None
+        raise WeightsError(f"{path}: not a readable safetensors file ({(str(exc).splitlines() or [''])[0][:160]}); "
+                           f"accepted: {'; or '.join(ACCEPTED_FORMATS)}") from None
     return state, meta
 
 
@@ -152,7 +153,7 @@ def read_released(path: Path) -> Any:
         first = (str(exc).splitlines() or ["forbidden object"])[0]
         raise WeightsError(f"{path}: refused: unpickling would run code or build non-tensor objects ({first[:160]})") from None
     except Exception as exc:
-        raise WeightsError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]})") from None
+        raise unreadable(path, exc) from None
 
 
 def load_method_weights(method: AnomalyMethod, weights: str | Path | WeightsFile) -> Path:
@@ -181,6 +182,8 @@ def load_method_weights(method: AnomalyMethod, weights: str | Path | WeightsFile
             )
     else:
         state = method.convert_official_checkpoint(loaded.obj, str(path))
+    # Both formats (and every caller: build_method, training, resume) pass here with the tensors to load.
+    check_tensors(state, path, expected=method.trainable_state_dict())
     method.load_trainable_state(state, str(path))
     method.weights_source = str(path)
     return path
