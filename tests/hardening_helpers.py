@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,11 +39,18 @@ def make_cohort(shared_data: Path, root: Path, n_cases: int = 4) -> Path:
 
 
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, list[str]]:
-    """Run the CLI in-process; returns (status, non-empty stderr lines)."""
+    """Run the CLI in-process; returns (status, stderr lines that are errors or traceback parts).
+
+    Progress bars, ``note:`` lines and the study's progress log are left out; any other line that looks
+    like an exception (``Traceback``, ``SomethingError: ...``) is kept so the one-line check sees it.
+    """
     capsys.readouterr()
     status = main([str(a) for a in argv])
     err = capsys.readouterr().err
-    return status, [line for line in err.splitlines() if line.strip() and not line.startswith("note:")]
+    return status, [line for line in err.splitlines() if line.startswith("error") or _EXCEPTION.search(line)]
+
+
+_EXCEPTION = re.compile(r"Traceback|^\s*File \"|^\w+(Error|Exception)\b")
 
 
 def assert_one_line(status: int, lines: list[str], needle: str, code: int = 2) -> str:

@@ -177,8 +177,10 @@ def run_study(settings: StudySettings) -> list[Path]:
     from .outputs import output_lock
 
     grid = cells(settings)
-    for method, setup in grid:
-        _config(settings, method, setup)  # every flag checked (seed, epochs...) before anything is written
+    from .methods import resolve_device
+
+    for method, setup in grid:  # every flag checked (seed, epochs, device...) before anything is written
+        resolve_device(_config(settings, method, setup).device)
     with output_lock(settings.out, "study"):
         return _run_grid(settings, grid)
 

@@ -79,6 +79,18 @@ def unreadable(path: Path, exc: BaseException) -> WeightsError:
     return WeightsError(f"{path}: not a weights file: {what}; accepted: {'; or '.join(ACCEPTED_FORMATS)}")
 
 
+def not_a_torch_file(path: Path) -> WeightsError | None:
+    """The :func:`unreadable` error when ``path`` is neither a zip nor a pickle (checked before unpickling)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as error:
+        return WeightsError(f"{path}: cannot read the file ({error.strerror or error})")
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return None
+    return unreadable(path, ValueError("no zip or pickle header"))
+
+
 def read_state_dict(path: Path, trusted: bool = False) -> dict[str, torch.Tensor]:
     """Read a tensor dict from safetensors, a weights-only torch pickle, or (trusted) TorchScript.
 
@@ -104,6 +116,8 @@ def read_state_dict(path: Path, trusted: bool = False) -> dict[str, torch.Tensor
             raise WeightsError(f"{path}: TorchScript archive could not be loaded ({exc})") from None
         check_tensors(state, path)
         return state
+    if (error := not_a_torch_file(path)) is not None:
+        raise error
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -11,7 +11,7 @@ import torch
 
 from .. import __version__
 from ..atomic import atomic_path, write_json
-from ..backbones.local_file import ACCEPTED_FORMATS, check_tensors, is_torchscript, unreadable
+from ..backbones.local_file import ACCEPTED_FORMATS, check_tensors, is_torchscript, not_a_torch_file, unreadable
 from ..errors import WeightsError
 from .base import AnomalyMethod
 from .released import RELEASED, local_path
@@ -147,6 +147,8 @@ def read_released(path: Path) -> Any:
 
     if is_torchscript(path):
         raise WeightsError(f"{path}: TorchScript archive, not a method checkpoint")
+    if (error := not_a_torch_file(path)) is not None:
+        raise error
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -28,7 +28,7 @@ from .cache import FeatureCache, default_memory_budget, supports_cache
 from .config import TrainConfig
 from .data import Augmentation, SliceSet, augmented_batch
 from .losses import method_loss
-from .state import load_train_state, save_train_state
+from .state import consistent_save, keep_previous, load_train_state, save_train_state
 
 ENCODE_CHUNK = 8
 """Slices per frozen-encoder pass when filling the cache (fixed, so cached values never depend on batch order)."""
@@ -190,6 +190,7 @@ class Trainer:
         meta = {"setup": self.config.setup, "config": self.config.to_dict(), "epoch": self.epoch, "step": self.step,
                 "metrics": metrics, "backbone_label": self.method.backbone.label}
         stamp = {"epoch": self.epoch, "step": self.step}  # in every file's header: a torn save is detected on resume
+        keep_previous(self.checkpoints)
         if metrics["val_dice"] > self.best:
             self.best = metrics["val_dice"]
             save_method_weights(self.method, self.checkpoints / "best.safetensors", meta, header=stamp)
@@ -198,19 +199,21 @@ class Trainer:
         save_method_weights(self.method, self.checkpoints / "last.safetensors", meta, header=stamp)
 
     def resume(self) -> None:
-        """Continue from checkpoints/last.safetensors and its training state."""
+        """Continue from the last whole save: checkpoints/last.safetensors and its training state.
+
+        Every file carries the save's epoch and step; when a kill tore the current save, the previous
+        one (``*.prev.*``) is used, so the resumed run still ends with bitwise the same weights.
+        """
         last = self.checkpoints / "last.safetensors"
         if not last.is_file():
             raise InputError(f"{last}: no checkpoint to resume from; run without --resume")
-        weights_stamp = _weights_stamp(last)
-        load_method_weights(self.method, last)
-        scalars = load_train_state(self.checkpoints / "train_state.safetensors", self.optimizer)
+        weights, state, side, fell_back = consistent_save(self.checkpoints)
+        load_method_weights(self.method, weights)
+        scalars = load_train_state(state, self.optimizer, side)
         self.epoch, self.step, self.best = int(scalars["epoch"]), int(scalars["step"]), float(scalars["best_val_dice"])
-        if weights_stamp is not None and (weights_stamp["epoch"], weights_stamp["step"]) != (self.epoch, self.step):
-            # A kill between the state and weights writes: optimizer of one epoch, weights of another.
-            raise InputError(f"{self.checkpoints}: torn checkpoint: last.safetensors holds epoch {weights_stamp['epoch']} "
-                             f"but train_state holds epoch {self.epoch} (the run was killed while saving); it cannot be "
-                             "resumed exactly: restart with --overwrite (best.safetensors keeps the best weights so far)")
+        if fell_back:
+            print(f"note: {self.checkpoints}: the save after epoch {self.epoch} was interrupted; resuming from epoch "
+                  f"{self.epoch} (its whole previous save)", file=sys.stderr)
         _truncate_metrics(self.run_dir / "metrics.jsonl", self.epoch)
 
     def fit(self) -> list[dict[str, Any]]:
@@ -241,20 +244,6 @@ class Trainer:
             path = self.run_dir / "metrics.jsonl"
             lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
             write_json_lines(path, [*(line for line in lines if line.strip()), json.dumps(record)])
-
-
-def _weights_stamp(path: Path) -> dict[str, int] | None:
-    """Epoch and step of a checkpoint: its header, else (files before the stamps) its sidecar; None if neither."""
-    from .state import read_stamp
-
-    stamp = read_stamp(path)
-    if stamp is None:
-        try:
-            side = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-            stamp = {"epoch": int(side["epoch"]), "step": int(side["step"])}
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    return stamp
 
 
 def _truncate_metrics(path: Path, epoch: int) -> None:

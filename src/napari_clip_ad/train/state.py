@@ -61,15 +61,18 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:160]
 
 
-def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_train_state(path: Path, optimizer: torch.optim.Optimizer, side: Path | None = None) -> dict[str, Any]:
     """Restore optimizer and torch RNG from :func:`save_train_state` files; returns the scalars.
+
+    Args:
+        path: The ``.safetensors`` state. side: Its JSON (default: ``path`` with suffix ``.json``).
 
     Raises:
         InputError: A missing or damaged file (named), or a torn pair (epochs of the two files differ).
     """
     from safetensors.torch import load_file
 
-    side = path.with_suffix(".json")
+    side = side or path.with_suffix(".json")
     if not path.is_file() or not side.is_file():
         raise InputError(f"{path}: training state missing; cannot --resume (start a new run without --resume)")
     damaged = "the run cannot be resumed exactly: restart it with --overwrite (checkpoints/best.safetensors keeps the best weights)"
@@ -102,3 +105,84 @@ def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, 
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise InputError(f"{path}: does not fit this run's optimizer ({_first_line(exc)}); {damaged}") from None
     return scalars
+
+
+CHECKPOINT_FILES = ("train_state.safetensors", "train_state.json", "last.safetensors", "last.json")
+"""The files of one resumable save, in the order they are written."""
+
+
+def previous_name(name: str) -> str:
+    """``last.safetensors`` -> ``last.prev.safetensors``: the save before the current one."""
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.prev.{suffix}"
+
+
+def keep_previous(checkpoints: Path) -> None:
+    """Hard-link the current save's files as ``*.prev.*`` before a new save replaces them.
+
+    With the epoch/step stamps this makes a save all-or-nothing for resume: a kill while the new files
+    land leaves the previous save whole (see :func:`consistent_save`). Links cost no disk space.
+    """
+    import os
+
+    for name in CHECKPOINT_FILES:
+        current = checkpoints / name
+        if current.is_file():
+            tmp = checkpoints / f".tmp-{os.getpid()}-{previous_name(name)}"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(current, tmp)
+            except OSError:  # no hard links on this filesystem: copy
+                import shutil
+
+                shutil.copyfile(current, tmp)
+            os.replace(tmp, checkpoints / previous_name(name))
+
+
+def _json_stamp(path: Path) -> dict[str, int] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {key: int(data[key]) for key in STAMP_KEYS}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+
+
+def consistent_save(checkpoints: Path) -> tuple[Path, Path, Path, bool]:
+    """The newest save whose weights, state tensors and state JSON carry one epoch and step.
+
+    Returns:
+        (weights, state, state_json, fell_back): fell_back is True when the current files were torn
+        by a kill while saving and the previous save (``*.prev.*``) is used.
+
+    Raises:
+        InputError: No consistent save (named files and epochs).
+    """
+    current = (checkpoints / "last.safetensors", checkpoints / "train_state.safetensors", checkpoints / "train_state.json")
+    previous = tuple(p.with_name(previous_name(p.name)) for p in current)
+    found = {}
+    for label, (weights, state, side) in (("current", current), ("previous", previous)):
+        if not (weights.is_file() and state.is_file() and side.is_file()):
+            found[label] = None
+            continue
+        weights_stamp = read_stamp(weights) or _json_stamp(weights.with_suffix(".json"))
+        state_stamp, side_stamp = read_stamp(state), _json_stamp(side)
+        if side_stamp is None:
+            if label == "current":
+                raise InputError(f"{side}: damaged (no epoch/step); the run cannot be resumed exactly: restart it with "
+                                 "--overwrite (checkpoints/best.safetensors keeps the best weights)")
+            found[label] = None
+            continue
+        stamps = [s for s in (weights_stamp, state_stamp) if s is not None]  # files before the stamps: unchecked
+        found[label] = side_stamp if all(s == side_stamp for s in stamps) else False
+    if found["current"]:
+        return (*current, False)
+    if found["previous"]:
+        return (*previous, True)
+    if found["current"] is None and found["previous"] is None:
+        missing = next(p for p in current if not p.is_file())
+        raise InputError(f"{missing}: training state missing; cannot --resume (start a new run without --resume)")
+    epochs = {p.name: (read_stamp(p) or {}).get("epoch") if p.suffix == ".safetensors" else (_json_stamp(p) or {}).get("epoch")
+              for p in current if p.is_file()}
+    raise InputError(f"{checkpoints}: torn checkpoint (epochs {epochs}; the run was killed while saving) and no whole "
+                     "previous save; it cannot be resumed exactly: restart with --overwrite "
+                     "(best.safetensors keeps the best weights so far)")
