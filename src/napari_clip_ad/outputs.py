@@ -149,8 +149,9 @@ def _acquire(lock: Path, command: str, flag: str, out: Path) -> Any:
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, _holder_record(command).encode())
+            with contextlib.suppress(OSError):  # a full disk: the lock holds without the holder's record
+                os.ftruncate(fd, 0)
+                os.write(fd, _holder_record(command).encode())
             return fd
         os.close(fd)
     raise OutputBusy(busy % "processes racing for the lock")  # pragma: no cover

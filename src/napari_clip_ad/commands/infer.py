@@ -117,8 +117,10 @@ def _infer_case(path: Path, method, options, out: Path) -> list[Path]:
             metrics = volume_metrics(result.mask.astype(bool), case.whole_tumour)
             write_json(f"{stem}_metrics.json", {"case_id": case.case_id, "threshold": options.threshold, **metrics, **result.info})
             written.append(Path(f"{stem}_metrics.json"))
-    except BaseException:
+    except BaseException as exc:
         for file in written:
             file.unlink(missing_ok=True)
+        if isinstance(exc, ClipAdError) and not isinstance(exc, OutputError):
+            raise OutputError(str(exc)) from None  # a write failure (full or read-only disk) stops the whole run
         raise
     return written
