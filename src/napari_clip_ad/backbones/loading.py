@@ -141,6 +141,10 @@ def load_backbone(
         backbone = load_local_checkpoint(Path(name).expanduser(), trusted=trusted)
     else:
         backbone = _load_named(name)
+        if not backbone.random_weights:  # a damaged cache file must not give NaN maps (local files: checked on read)
+            from .local_file import check_tensors
+
+            check_tensors(backbone.model.state_dict(), f"backbone {name}", expected=backbone.model.state_dict())
     if quick_gelu is not None:
         set_activation(backbone.model, quick_gelu)
     backbone.info["quick_gelu"] = quick_gelu

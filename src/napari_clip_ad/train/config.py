@@ -214,7 +214,8 @@ def check_config_values(config: TrainConfig, origin: dict[str, str] | None = Non
         if not test(value):
             where = origin.get(key, f"config field {key!r}")
             raise InputError(f"{where}: must be {expected}, got {json.dumps(value) if _jsonable(value) else repr(value)}")
-    if config.lr == 0 and config.epochs > 0:
+    trains = config.epochs > 0 and config.setup != "industrial" and STUDY_DEFAULTS.get(config.method, {}).get("lr") != 0.0
+    if config.lr == 0 and trains:  # (training-free methods keep lr 0; they are refused elsewhere for training)
         raise InputError(f"{origin.get('lr', 'config field lr')}: must be a finite learning rate > 0 to train "
                          f"{config.epochs} epochs, got 0")
     from ..case_options import parse_modality
