@@ -45,7 +45,10 @@ def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, list[str]]:
     like an exception (``Traceback``, ``SomethingError: ...``) is kept so the one-line check sees it.
     """
     capsys.readouterr()
-    status = main([str(a) for a in argv])
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse usage errors
+        status = exc.code
     err = capsys.readouterr().err
     return status, [line for line in err.splitlines() if line.startswith("error") or _EXCEPTION.search(line)]
 

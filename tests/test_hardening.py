@@ -146,6 +146,12 @@ CORPUS = {
                                             "--epochs", "-1"], "--epochs", t / "out"),
     "study-device-gpu0": lambda w, t: (["study", "--data", w["cohort"], "--out", t / "out", "--backbone", "tiny-test",
                                         "--device", "gpu0"], "--device", t / "out"),
+    "study-batch-size-0": lambda w, t: (["study", "--data", w["cohort"], "--out", t / "out", "--backbone", "tiny-test",
+                                         "--batch-size", "0"], "--batch-size", t / "out"),
+    "demo-device-gpu0": lambda w, t: (["demo", "--device", "gpu0", "--out", t / "out"], "--device", t / "out"),
+    "train-epochs-not-a-number": lambda w, t: (_train(w, t / "out", "--epochs", "1.5"), "--epochs", t / "out"),
+    "infer-threshold-not-a-number": lambda w, t: (["infer", w["cohort"], *INFER, "--threshold", "high", "--out", t / "out"],
+                                                  "--threshold", t / "out"),
     # --- class 4: outputs ---------------------------------------------------------------------------------------
     "train-out-is-a-file": lambda w, t: (_train(w, w["config"]), str(w["config"]), w["config"]),
     "infer-out-is-a-file": lambda w, t: (["infer", w["cohort"], *INFER, "--out", w["config"]], str(w["config"]), w["config"]),

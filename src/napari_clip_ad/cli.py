@@ -17,9 +17,16 @@ from .errors import ClipAdError
 COMMAND_MODULES = ("sample", "evaluate", "infer", "weights", "demo", "train", "study", "report")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``error: ...``, exit 2) like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every available command."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="napari-clip-ad",
         description="CLIP-based zero-shot anomaly detection on brain MRI (BraTS).",
     )

@@ -181,6 +181,10 @@ def run_study(settings: StudySettings) -> list[Path]:
 
     for method, setup in grid:  # every flag checked (seed, epochs, device...) before anything is written
         resolve_device(_config(settings, method, setup).device)
+    post = settings.post
+    CaseOptions(modality=settings.modality, views=post.views, fuse=post.fuse, restrict_to_brain=post.restrict_to_brain,
+                smooth3d_mm=post.smooth3d_mm, min_component=post.min_component, threshold=settings.threshold,
+                batch_size=settings.batch_size)  # the inference flags too (the same check _infer_split makes)
     with output_lock(settings.out, "study"):
         return _run_grid(settings, grid)
 
