@@ -25,7 +25,7 @@ class Cancelled(Exception):
     """Raised inside long runs when the caller's cancel flag is set."""
 
 
-class OutputError(ClipAdError):
+class OutputError(InputError):
     """An output cannot be written (read-only or full disk, a file where a folder belongs); nothing was changed."""
 
 
