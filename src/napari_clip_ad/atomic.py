@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import OutputError
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
+                 errno.EISDIR, errno.EEXIST}
+"""Failures of writing an output the user can fix (space, permissions, a file in the way): one line."""
 
 
 def _tmp_name(path: Path) -> Path:
@@ -26,14 +34,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         The temporary path to write to.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(final)
     try:
-        yield tmp
-        os.replace(tmp, final)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            os.replace(tmp, final)
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRNOS:
+                raise
+            raise OutputError(f"{final}: cannot write the file ({exc.strerror or exc}); "
+                              "free disk space or give a writable output folder") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                tmp.unlink()
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

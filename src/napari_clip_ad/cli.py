@@ -18,9 +18,16 @@ COMMAND_MODULES = ("sample", "evaluate", "infer", "weights", "demo", "train", "s
 COMMAND_MODULES += ("benchmark",)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``error: ...``, exit 2) like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every available command."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="napari-clip-ad",
         description="CLIP-based zero-shot anomaly detection on brain MRI (BraTS).",
     )
@@ -47,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _end_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a filesystem failure no check above caught: still one line, never a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; check the paths, free space and permissions", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         _end_progress_bars()
         print("error: interrupted", file=sys.stderr)

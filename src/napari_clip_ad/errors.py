@@ -23,3 +23,11 @@ class WeightsError(ClipAdError):
 
 class Cancelled(Exception):
     """Raised inside long runs when the caller's cancel flag is set."""
+
+
+class OutputError(InputError):
+    """An output cannot be written (read-only or full disk, a file where a folder belongs); nothing was changed."""
+
+
+class OutputBusy(ClipAdError):
+    """Another live process is writing the same output folder (see :func:`napari_clip_ad.outputs.output_lock`)."""

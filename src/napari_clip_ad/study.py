@@ -149,7 +149,9 @@ def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path]
     if trained:
         train_dir = settings.out / "cells" / f"{method}-{setup}" / "train"  # shared by the setup's k-shot cells
         resume = (train_dir / "checkpoints" / "last.safetensors").is_file()
-        run_training(config, settings.data, train_dir, split_file=settings.out / "split.json", resume=resume, progress=False)
+        # A cell's folder without a checkpoint is an unfinished start of this study: start it again.
+        run_training(config, settings.data, train_dir, split_file=settings.out / "split.json", resume=resume,
+                     overwrite=not resume, progress=False)
         best = train_dir / "checkpoints" / "best.safetensors"
         weights = str(best if best.is_file() else train_dir / "checkpoints" / "last.safetensors")
     prompts = {"prompts": settings.prompts} if settings.prompts and "prompts" in method_class(method).options else {}
@@ -257,9 +259,23 @@ def _infer_split(settings: StudySettings, method_obj, modality: str, post: PostO
 
 def run_study(settings: StudySettings) -> list[Path]:
     """Run (or resume) the whole grid, then write the report; returns the cells' map folders."""
-    settings.out.mkdir(parents=True, exist_ok=True)
-    cases, split = study_split(settings)
+    from .outputs import output_lock
+
     grid = cells(settings)
+    from .methods import resolve_device
+
+    for method, setup in grid:  # every flag checked (seed, epochs, device...) before anything is written
+        resolve_device(_config(settings, method, setup).device)
+    post = settings.post
+    CaseOptions(modality=settings.modality, views=post.views, fuse=post.fuse, restrict_to_brain=post.restrict_to_brain,
+                smooth3d_mm=post.smooth3d_mm, min_component=post.min_component, threshold=settings.threshold,
+                batch_size=settings.batch_size)  # the inference flags too (the same check _infer_split makes)
+    with output_lock(settings.out, "study"):
+        return _run_grid(settings, grid)
+
+
+def _run_grid(settings: StudySettings, grid: list[tuple[str, str]]) -> list[Path]:
+    cases, split = study_split(settings)
     write_json(settings.out / "study.json", {"data": str(settings.data), "cells": [f"{m}-{s}" for m, s in grid],
                                              "train_cases": split.train, "test_cases": split.test})
     runs = []

@@ -143,6 +143,10 @@ def load_backbone(
         backbone = _load_dinov2(BACKBONES[name])
     else:
         backbone = _load_named(name)
+        if not backbone.random_weights:  # a damaged cache file must not give NaN maps (local files: checked on read)
+            from .local_file import check_tensors
+
+            check_tensors(backbone.model.state_dict(), f"backbone {name}", expected=backbone.model.state_dict())
     if quick_gelu is not None and backbone.info.get("family") != "dinov2":
         set_activation(backbone.model, quick_gelu)
     backbone.info["quick_gelu"] = quick_gelu

@@ -19,6 +19,84 @@ def is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
+ACCEPTED_FORMATS = ("safetensors (.safetensors)", "a PyTorch checkpoint of tensors (.pth/.pt/.bin: zip or legacy pickle), "
+                    "as the authors released it")
+"""What a weights or backbone file may be (shown when a file is none of them)."""
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTEGER_BUFFERS = ("input_resolution", "context_length", "vocab_size", "position_ids", "num_batches_tracked")
+"""Keys of whole-number buffers found in CLIP checkpoints (the only non-float tensors accepted)."""
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], path: Path | str, expected: dict[str, torch.Tensor] | None = None) -> None:
+    """Refuse non-finite values and non-float tensors where floats belong, naming the file and tensor.
+
+    Args:
+        tensors: Name -> tensor, as read from ``path``.
+        path: The file (for the message).
+        expected: The tensors they will be loaded into: a non-float tensor is refused where the target is a float
+            (loading would cast it silently). Without it, only :data:`INTEGER_BUFFERS` may be whole numbers.
+
+    Raises:
+        WeightsError: A NaN/inf value, or an int8/uint8/bool/complex... tensor where weights are floats.
+    """
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.dtype in FLOAT_DTYPES:
+            if key.endswith("attn_mask"):
+                continue  # causal masks hold -inf by design
+            # A NaN or inf anywhere makes the sum non-finite: one cheap pass (benchmarks/bench_weight_checks.py);
+            # only then (or when finite values overflow the sum) the exact, slower element check.
+            if bool(torch.isfinite(value.sum())):
+                continue
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                raise WeightsError(f"{path}: tensor {key!r} has {bad} NaN/inf value(s) of {value.numel()}; the weights are "
+                                   "damaged (or from a diverged training) and would give NaN maps: use another file")
+            continue
+        wanted = None if expected is None or key not in expected else expected[key].dtype
+        allowed = (wanted is not None and not wanted.is_floating_point and not value.is_complex()) or (
+            wanted is None and key.rsplit(".", 1)[-1] in INTEGER_BUFFERS and value.dtype in (torch.int32, torch.int64))
+        if not allowed:
+            raise WeightsError(f"{path}: tensor {key!r} is {str(value.dtype).replace('torch.', '')}, not a float; weights must be "
+                               "float16, bfloat16 or float32 (quantised or mask tensors are not weights): use the original file")
+
+
+def unreadable(path: Path, exc: BaseException) -> WeightsError:
+    """The one-line error for a file that no accepted reader could open: what it is not, what is accepted."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as error:
+        return WeightsError(f"{path}: cannot read the file ({error.strerror or error})")
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+    if not head:
+        what = "an empty file"
+    elif head[:4] == b"PK\x03\x04":
+        what = f"a zip archive but not a PyTorch checkpoint ({reason})"
+    elif head[:1] == b"\x80":
+        what = f"a pickle that is not a readable PyTorch checkpoint ({reason})"
+    elif len(head) >= 9 and head[8:9] == b"{":
+        what = "a safetensors file with another extension: rename it to .safetensors"
+    else:
+        what = f"neither a PyTorch checkpoint (zip or pickle) nor safetensors (it starts with {head[:8]!r})"
+    return WeightsError(f"{path}: not a weights file: {what}; accepted: {'; or '.join(ACCEPTED_FORMATS)}")
+
+
+def not_a_torch_file(path: Path) -> WeightsError | None:
+    """The :func:`unreadable` error when ``path`` is neither a zip nor a pickle (checked before unpickling)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as error:
+        return WeightsError(f"{path}: cannot read the file ({error.strerror or error})")
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return None
+    return unreadable(path, ValueError("no zip or pickle header"))
+
+
 def read_state_dict(path: Path, trusted: bool = False) -> dict[str, torch.Tensor]:
     """Read a tensor dict from safetensors, a weights-only torch pickle, or (trusted) TorchScript.
 
@@ -29,24 +107,33 @@ def read_state_dict(path: Path, trusted: bool = False) -> dict[str, torch.Tensor
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
         except Exception as exc:
-            raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
+            raise WeightsError(f"{path}: not a readable safetensors file ({(str(exc).splitlines() or [''])[0][:160]}); "
+                               f"accepted: {'; or '.join(ACCEPTED_FORMATS)}") from None
+        check_tensors(state, path)
+        return state
     if is_torchscript(path):
         if not trusted:
             raise WeightsError(f"{path}: TorchScript archive (can run code when loaded); pass it as trusted only if you trust its source")
         try:
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception as exc:
             raise WeightsError(f"{path}: TorchScript archive could not be loaded ({exc})") from None
+        check_tensors(state, path)
+        return state
+    if (error := not_a_torch_file(path)) is not None:
+        raise error
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "forbidden object"
         raise WeightsError(f"{path}: refused: the pickle would run code or build objects other than tensors ({first[:160]}); convert it to safetensors") from None
     except Exception as exc:
-        raise WeightsError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
-    return unwrap_state_dict(obj, path)
+        raise unreadable(path, exc) from None
+    state = unwrap_state_dict(obj, path)
+    check_tensors(state, path)
+    return state
 
 
 def unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:

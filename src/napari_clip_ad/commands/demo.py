@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import main
     from ..sample import write_cohort
 
+    from ..methods import resolve_device
+
+    resolve_device(args.device)  # a bad --device is refused before the sample cohort is written
     out = args.out
     data = out / "sample_cohort"
     cases = write_cohort(data, n_cases=args.n_cases, seed=args.seed, overwrite=True)

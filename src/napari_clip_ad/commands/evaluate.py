@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json, write_text
-from ..errors import InputError
+from ..outputs import check_output_folder, output_lock, staged_files
 from ..report.collect import (
     LESION_COLUMNS,
     LITERATURE_NAMES,
@@ -62,8 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate every map; returns 0 (user errors raise :class:`InputError`)."""
     threshold_rule = parse_threshold(args.threshold)
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError(f"{args.out}: exists and is not a folder; give a folder for --out")
+    check_output_folder(args.out)
     options = ScoringOptions(restrict_to_brain=args.restrict_to_brain, min_component=args.min_component,
                              lesionwise=args.lesionwise, slice_score=args.slice_score)
     pairs, missing = match_cohort(args.maps, args.data)
@@ -75,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
     summary = {**summarise(scores), "n_cases_missing_map": len(missing), "missing_maps": missing}
     columns = (*CSV_COLUMNS[:-1], *LESION_COLUMNS, CSV_COLUMNS[-1]) if args.lesionwise else CSV_COLUMNS
     columns = (*columns, *LITERATURE_COLUMNS)
-    write_text(args.out / "per_case.csv", _csv([case.row() for case in scores.cases], columns))
-    write_json(args.out / "summary.json", summary)
+    with output_lock(args.out, "evaluate"), staged_files(args.out, last="summary.json") as staging:
+        write_text(staging / "per_case.csv", _csv([case.row() for case in scores.cases], columns))
+        write_json(staging / "summary.json", summary)
     lesion = f", lesion-wise dice {summary['lesion_dice_mean']:.4f}" if args.lesionwise else ""
     print(f"evaluated {len(pairs)} cases: dice {summary['dice_mean']:.4f}{lesion}, AUROC {_fmt(summary['auroc'])}, "
           f"F1-max {_fmt(summary['f1max'])}, pixel AP {_fmt(summary['pixel_ap'])}, AUPRO {_fmt(summary['aupro'])}, "

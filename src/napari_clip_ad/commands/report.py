@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..atomic import atomic_path, write_text
 from ..errors import InputError
+from ..outputs import check_output_folder, output_lock, staged_files
 from ..report.collect import ScoringOptions, match_maps, parse_threshold, read_run, score_maps, summarise
 from ..report.tables import (
     FIG1_COLUMNS,
@@ -63,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
     """Score the runs and write the report; returns 0 (user errors raise :class:`InputError`)."""
     if not args.runs:
         raise InputError("no RUN_DIR given; pass the folders written by 'napari-clip-ad infer --out'")
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError(f"{args.out}: exists and is not a folder; give a folder for --out")
+    check_output_folder(args.out)
     rule = parse_threshold(args.threshold)
     infos = [read_run(path, args.setup) for path in args.runs]
     seen: dict[tuple[str, str], Path] = {}
@@ -84,12 +84,14 @@ def run(args: argparse.Namespace) -> int:
         scored.append(ScoredRun(info, scores, summarise(scores)))
     scored.sort(key=lambda run: run.info.method != "intensity")  # the model-free baseline's row leads (stable)
     files = _render(scored, args.lesionwise)
-    for name, content in files.items():
-        if isinstance(content, bytes):
-            with atomic_path(args.out / name) as tmp:
-                tmp.write_bytes(content)
-        else:
-            write_text(args.out / name, content)
+    # Staged, then moved in with report.md last: a full disk leaves the old report as it was.
+    with output_lock(args.out, "report"), staged_files(args.out, last="report.md") as staging:
+        for name, content in files.items():
+            if isinstance(content, bytes):
+                with atomic_path(staging / name) as tmp:
+                    tmp.write_bytes(content)
+            else:
+                write_text(staging / name, content)
     print(f"report of {len(scored)} runs -> {args.out / 'report.md'}")
     return 0
 

@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder (config, split, metrics.jsonl, checkpoints/)")
     p.add_argument("--config", type=Path, default=None, help="JSON config (e.g. training/configs/vand-brats.json)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/last.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (default: refuse to touch it)")
     p.add_argument("--backbone", default=None)
     p.add_argument("--weights", default=None, help="starting weights for finetune (released name or file)")
     p.add_argument("--epochs", type=int, default=None)
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     """Resolve the config, then train (or, for ``industrial``, write the config and stop)."""
     from ..atomic import write_json
     from ..errors import InputError
+    from ..methods import resolve_device
+    from ..outputs import check_output_folder, output_lock
     from ..train import resolve_config, run_training
 
     if args.weights is not None and args.setup in ("brats", "pmc"):
@@ -52,14 +55,28 @@ def run(args: argparse.Namespace) -> int:
         max_slices_per_case=args.max_slices_per_case, stop_after_epoch=args.stop_after_epoch,
         cache=False if args.no_cache else None, cache_memory_gb=args.cache_memory_gb,
     )
+    resolve_device(config.device)
+    check_output_folder(args.out)
     if config.setup == "industrial" or config.epochs == 0:
-        write_json(args.out / "config.json", config.to_dict())
+        with output_lock(args.out, "train"):
+            saved = args.out / "config.json"
+            if saved.is_file() and not args.overwrite and not _same_config(saved, config.to_dict()):
+                raise InputError(f"{saved}: holds another run's config; give --overwrite to replace it, or a new --out")
+            write_json(saved, config.to_dict())
         what = f"released weights {config.weights!r} are used as published" if config.weights else f"{config.method} runs 0 epochs (training-free, or --epochs 0)"
         print(f"setup {config.setup!r}: {what}; nothing to train "
               f"(resolved config written to {args.out / 'config.json'})", file=sys.stderr)
         return 0
-    history = run_training(config, args.data, args.out, args.split, resume=args.resume)
+    history = run_training(config, args.data, args.out, args.split, resume=args.resume, overwrite=args.overwrite)
     for record in history:
         print(json.dumps(record))
     print(args.out / "checkpoints" / "last.safetensors")
     return 0
+
+
+def _same_config(path: Path, config: dict) -> bool:
+    """True when ``path`` holds exactly ``config`` (a damaged file is not the same)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) == config
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False

@@ -206,6 +206,10 @@ def run_case(
     return CaseResult(anomaly_map, mask, info, results, options)
 
 
+CASE_OUTPUT_SUFFIXES = ("_anomaly.nii.gz", "_mask.nii.gz", "_scores.json", "_metrics.json")
+"""The files :func:`write_case_outputs` writes beside each other for one case."""
+
+
 def write_case_outputs(result: CaseResult, case: Case, stem: str | Path) -> list[Path]:
     """Write one case's outputs as ``infer`` and the study do (atomically), and return their paths.
 

@@ -182,6 +182,13 @@ def run_volume(
     Returns:
         The [0, 1] float32 map aligned with the input volume, per-slice scores and provenance.
     """
+    if not isinstance(method, AnomalyMethod):
+        raise InputError(f"method: give a built method (napari_clip_ad.methods.build_method({method!r}, ...)), "
+                         f"not a {type(method).__name__}")
+    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)):
+        raise InputError(f"batch_size: give a whole number >= 1, got {batch_size!r}")
+    if sigma is not None and not (isinstance(sigma, (int, float, np.number)) and np.isfinite(sigma) and sigma >= 0):
+        raise InputError(f"sigma: give a finite number >= 0 (0 = no smoothing), got {sigma!r}")
     modalities = parse_modality(modality)
     ax = axis_index(axis)
     volume, brain = _volume_and_brain(source, modalities, brain_mask)

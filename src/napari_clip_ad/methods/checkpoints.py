@@ -11,7 +11,7 @@ import torch
 
 from .. import __version__
 from ..atomic import atomic_path, write_json
-from ..backbones.local_file import is_torchscript
+from ..backbones.local_file import ACCEPTED_FORMATS, check_tensors, is_torchscript, not_a_torch_file, unreadable
 from ..errors import WeightsError
 from .base import AnomalyMethod
 from .released import RELEASED, local_path
@@ -98,11 +98,12 @@ def resolve_weights(weights: str | Path) -> Path:
     return path
 
 
-def save_method_weights(method: AnomalyMethod, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+def save_method_weights(method: AnomalyMethod, path: str | Path, metadata: dict[str, Any] | None = None,
+                        header: dict[str, str] | None = None) -> Path:
     """Write the trainable parts as safetensors (atomically) plus a ``.json`` sidecar.
 
     The safetensors header records format, method, backbone architecture and image size, so a file
-    for another method or backbone is refused when loaded.
+    for another method or backbone is refused when loaded; ``header`` adds fields (training: epoch, step).
     """
     from safetensors.torch import save_file
 
@@ -117,6 +118,7 @@ def save_method_weights(method: AnomalyMethod, path: str | Path, metadata: dict[
     }
     if getattr(method, "layers", None):
         meta["layers"] = json.dumps([int(i) for i in method.layers])
+    meta.update({str(k): str(v) for k, v in (header or {}).items()})
     state = {k: v.detach().cpu().contiguous() for k, v in method.trainable_state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
@@ -134,7 +136,8 @@ def read_our_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             meta = handle.metadata() or {}
             state = {k: handle.get_tensor(k) for k in handle.keys()}
     except Exception as exc:
-        raise WeightsError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:160]})") from None
+        raise WeightsError(f"{path}: not a readable safetensors file ({(str(exc).splitlines() or [''])[0][:160]}); "
+                           f"accepted: {'; or '.join(ACCEPTED_FORMATS)}") from None
     return state, meta
 
 
@@ -144,13 +147,15 @@ def read_released(path: Path) -> Any:
 
     if is_torchscript(path):
         raise WeightsError(f"{path}: TorchScript archive, not a method checkpoint")
+    if (error := not_a_torch_file(path)) is not None:
+        raise error
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = (str(exc).splitlines() or ["forbidden object"])[0]
         raise WeightsError(f"{path}: refused: unpickling would run code or build non-tensor objects ({first[:160]})") from None
     except Exception as exc:
-        raise WeightsError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]})") from None
+        raise unreadable(path, exc) from None
 
 
 def load_method_weights(method: AnomalyMethod, weights: str | Path | WeightsFile) -> Path:
@@ -179,6 +184,8 @@ def load_method_weights(method: AnomalyMethod, weights: str | Path | WeightsFile
             )
     else:
         state = method.convert_official_checkpoint(loaded.obj, str(path))
+    # Both formats (and every caller: build_method, training, resume) pass here with the tensors to load.
+    check_tensors(state, path, expected=method.trainable_state_dict())
     method.load_trainable_state(state, str(path))
     method.weights_source = str(path)
     return path

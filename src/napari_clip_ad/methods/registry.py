@@ -53,9 +53,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' -> CUDA when available, else CPU; a CUDA request without CUDA is a clear error."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' requested but no CUDA GPU is available here; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0...); "
+                         "give an existing index or cuda")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {device}: not supported; use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -91,6 +101,8 @@ def build_method(
     """
     cls = method_class(name)
     target = resolve_device(device)
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or not 16 <= image_size <= 4096:
+        raise InputError(f"--image-size {image_size!r}: the image size must be a whole number of pixels in [16, 4096] (the study: 240)")
     if not cls.needs_backbone:  # model-free (intensity baseline): nothing to load; provenance says "no model"
         if weights is not None:
             raise InputError(f"method {cls.name!r} has no trainable parts; drop --weights {weights}")

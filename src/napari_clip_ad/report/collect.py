@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import InputError
+from ..outputs import is_temporary
 from ..io import Case, Geometry, case_id_of, find_cases, load_case, read_nifti
 from ..io.slice_scores import SCORES_SUFFIX, read_axial_scores
 from ..metrics import (
@@ -180,8 +181,8 @@ def match_cohort(maps_dir: Path, data_dir: Path) -> tuple[list[MapPair], list[st
     pairs = []
     for map_path in sorted(maps_dir.iterdir()):
         suffix = next((s for s in MAP_SUFFIXES if map_path.name.endswith(s)), None)
-        if suffix is None or not map_path.is_file():
-            continue
+        if suffix is None or not map_path.is_file() or is_temporary(map_path):
+            continue  # .tmp-<pid>-* files are another run's (or a killed run's) unfinished writes
         case_id = map_path.name[: -len(suffix)]
         if case_id not in cases:
             raise InputError(f"{map_path}: no case {case_id!r} in {data_dir}; remove the map or add the case")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -146,9 +147,13 @@ def resolve_config(method: str, setup: str, file: str | Path | None = None, **ov
     for key, given in (("method", method), ("setup", setup)):
         if key in values and str(values[key]).lower() != given.lower():
             raise InputError(f"{file}: config is for {key} {values[key]!r} but {given!r} was asked for; use the matching config")
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    origin = {key: f"{file}: field {key!r}" for key in values}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    origin.update({key: f"--{key.replace('_', '-')}" for key in given})
     for key, value in values.items():
         setattr(config, key, value)
+    check_config_values(config, origin)
     config.method, config.setup = config.method.lower(), config.setup
     if config.setup not in SETUPS:
         raise InputError(f"unknown setup {config.setup!r}; use one of {', '.join(SETUPS)}")
@@ -158,10 +163,73 @@ def resolve_config(method: str, setup: str, file: str | Path | None = None, **ov
         config.weights = None
     if config.optimizer not in ("adam", "adamw"):
         raise InputError(f"optimizer {config.optimizer!r} is not supported; use 'adam' or 'adamw'")
-    if config.epochs < 0 or config.batch_size < 1 or config.views < 1:
-        raise InputError(f"epochs must be >= 0, batch size >= 1 and views >= 1 (got {config.epochs}, {config.batch_size}, {config.views})")
-    if config.cache_memory_gb is not None and config.cache_memory_gb < 0:
-        raise InputError(f"cache_memory_gb must be >= 0 (0 keeps the whole cache on disk), got {config.cache_memory_gb}")
-    if not 0.0 < config.val_fraction < 1.0:
-        raise InputError(f"val_fraction must be in (0, 1), got {config.val_fraction}")
     return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_WHOLE = "a whole number"
+_CHECKS: dict[str, tuple[Any, str]] = {
+    # field: (test of the value, what it must be)
+    "method": (lambda v: isinstance(v, str) and v != "", "a method name"),
+    "backbone": (lambda v: v is None or isinstance(v, str), "a backbone name or null"),
+    "weights": (lambda v: v is None or isinstance(v, str), "a weights name or file, or null"),
+    "epochs": (lambda v: _is_int(v) and v >= 0, f"{_WHOLE} >= 0"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, f"{_WHOLE} >= 1"),
+    "lr": (lambda v: _is_number(v) and v >= 0, "a finite learning rate > 0"),
+    "betas": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
+              "two numbers in [0, 1), e.g. [0.5, 0.999]"),
+    "optimizer": (lambda v: v in ("adam", "adamw"), "'adam' or 'adamw'"),
+    "image_size": (lambda v: _is_int(v) and 16 <= v <= 4096, f"{_WHOLE} of pixels in [16, 4096] (the study: 240)"),
+    "layers": (lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(i) and i >= 1 for i in v)),
+               "null or a list of block numbers >= 1"),
+    "options": (lambda v: isinstance(v, dict), "a JSON object of method options"),
+    "modality": (lambda v: isinstance(v, str), "a modality name such as 't2w' or 't1c+t2w+t2f'"),
+    "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, f"{_WHOLE} in [0, 2**32)"),
+    "test_fraction": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "val_fraction": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "augment": (lambda v: isinstance(v, bool), "true or false"),
+    "views": (lambda v: _is_int(v) and v >= 1, f"{_WHOLE} >= 1"),
+    "cache": (lambda v: isinstance(v, bool), "true or false"),
+    "cache_memory_gb": (lambda v: v is None or (_is_number(v) and v >= 0), "null or a finite number of GiB >= 0 (0: all on disk)"),
+    "balance": (lambda v: isinstance(v, bool), "true or false"),
+    "max_slices_per_case": (lambda v: v is None or (_is_int(v) and v >= 1), f"null (all) or {_WHOLE} >= 1"),
+    "threshold": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "device": (lambda v: isinstance(v, str) and v != "", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    "stop_after_epoch": (lambda v: v is None or (_is_int(v) and v >= 1), f"null or {_WHOLE} >= 1"),
+}
+
+
+def check_config_values(config: TrainConfig, origin: dict[str, str] | None = None) -> None:
+    """Refuse a wrong type or value in any field, naming the flag or config-file field it came from.
+
+    Runs before anything is written, so a bad ``--lr nan`` or ``"batch_size": "2"`` leaves the run
+    folder as it was.
+    """
+    origin = origin or {}
+    for key, (test, expected) in _CHECKS.items():
+        value = getattr(config, key)
+        if not test(value):
+            where = origin.get(key, f"config field {key!r}")
+            raise InputError(f"{where}: must be {expected}, got {json.dumps(value) if _jsonable(value) else repr(value)}")
+    trains = config.epochs > 0 and config.setup != "industrial" and STUDY_DEFAULTS.get(config.method, {}).get("lr") != 0.0
+    if config.lr == 0 and trains:  # (training-free methods keep lr 0; they are refused elsewhere for training)
+        raise InputError(f"{origin.get('lr', 'config field lr')}: must be a finite learning rate > 0 to train "
+                         f"{config.epochs} epochs, got 0")
+    from ..case_options import parse_modality
+
+    parse_modality(config.modality)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True

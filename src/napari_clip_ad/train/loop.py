@@ -28,7 +28,7 @@ from .cache import FeatureCache, default_memory_budget, supports_cache
 from .config import TrainConfig
 from .data import Augmentation, SliceSet, augmented_batch
 from .losses import method_loss
-from .state import load_train_state, save_train_state
+from .state import consistent_save, keep_previous, load_train_state, save_train_state
 
 ENCODE_CHUNK = 8
 """Slices per frozen-encoder pass when filling the cache (fixed, so cached values never depend on batch order)."""
@@ -189,21 +189,31 @@ class Trainer:
             return
         meta = {"setup": self.config.setup, "config": self.config.to_dict(), "epoch": self.epoch, "step": self.step,
                 "metrics": metrics, "backbone_label": self.method.backbone.label}
+        stamp = {"epoch": self.epoch, "step": self.step}  # in every file's header: a torn save is detected on resume
+        keep_previous(self.checkpoints)
         if metrics["val_dice"] > self.best:
             self.best = metrics["val_dice"]
-            save_method_weights(self.method, self.checkpoints / "best.safetensors", meta)
+            save_method_weights(self.method, self.checkpoints / "best.safetensors", meta, header=stamp)
         save_train_state(self.checkpoints / "train_state.safetensors", self.optimizer,
                          {"epoch": self.epoch, "step": self.step, "best_val_dice": self.best})
-        save_method_weights(self.method, self.checkpoints / "last.safetensors", meta)
+        save_method_weights(self.method, self.checkpoints / "last.safetensors", meta, header=stamp)
 
     def resume(self) -> None:
-        """Continue from checkpoints/last.safetensors and its training state."""
+        """Continue from the last whole save: checkpoints/last.safetensors and its training state.
+
+        Every file carries the save's epoch and step; when a kill tore the current save, the previous
+        one (``*.prev.*``) is used, so the resumed run still ends with bitwise the same weights.
+        """
         last = self.checkpoints / "last.safetensors"
         if not last.is_file():
             raise InputError(f"{last}: no checkpoint to resume from; run without --resume")
-        load_method_weights(self.method, last)
-        scalars = load_train_state(self.checkpoints / "train_state.safetensors", self.optimizer)
+        weights, state, side, fell_back = consistent_save(self.checkpoints)
+        load_method_weights(self.method, weights)
+        scalars = load_train_state(state, self.optimizer, side)
         self.epoch, self.step, self.best = int(scalars["epoch"]), int(scalars["step"]), float(scalars["best_val_dice"])
+        if fell_back:
+            print(f"note: {self.checkpoints}: the save after epoch {self.epoch} was interrupted; resuming from epoch "
+                  f"{self.epoch} (its whole previous save)", file=sys.stderr)
         _truncate_metrics(self.run_dir / "metrics.jsonl", self.epoch)
 
     def fit(self) -> list[dict[str, Any]]:
@@ -230,16 +240,26 @@ class Trainer:
         return history
 
     def _log(self, record: dict[str, Any]) -> None:
-        if self.dist.main:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+        if self.dist.main:  # rewritten whole (atomically): a kill never leaves half a line
+            path = self.run_dir / "metrics.jsonl"
+            lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+            write_json_lines(path, [*(line for line in lines if line.strip()), json.dumps(record)])
 
 
 def _truncate_metrics(path: Path, epoch: int) -> None:
     """Drop metric lines of epochs after ``epoch`` (written by a run killed before its checkpoint)."""
     if path.is_file():
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                record_epoch = int(record["epoch"])
+            except (ValueError, KeyError, TypeError):
+                raise InputError(f"{path}: line {number} is damaged (not a metrics record: {line[:40]!r}); delete that "
+                                 f"line (the checkpoint is at epoch {epoch}) and rerun with --resume") from None
+            if record_epoch <= epoch:
+                kept.append(line)
         write_json_lines(path, kept)
 
 

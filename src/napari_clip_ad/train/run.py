@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,35 @@ def _check_resume(run_dir: Path, config: TrainConfig) -> None:
     saved = run_dir / "config.json"
     if not saved.is_file():
         raise InputError(f"{saved}: not found; --resume needs a run folder written by 'napari-clip-ad train'")
-    before = json.loads(saved.read_text(encoding="utf-8"))
+    try:
+        before = json.loads(saved.read_text(encoding="utf-8"))
+        if not isinstance(before, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{saved}: damaged ({str(exc).splitlines()[0][:120]}); the run's settings are lost: restore "
+                         "the file, or start again with --overwrite") from None
     loose = {"stop_after_epoch", "device", "epochs", "cache_memory_gb"}
     changed = sorted(k for k, v in config.to_dict().items() if k not in loose and before.get(k) != v)
     if changed:
         raise InputError(f"{saved}: --resume with different settings {changed}; use the run's settings or a new --out")
+
+
+RUN_FILES = ("config.json", "split.json", "validation.json", "metrics.jsonl", "checkpoints", "feature_cache")
+"""What a training run writes into its folder (removed by ``--overwrite`` once the new run's inputs are checked)."""
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` already holds (part of) a training run."""
+    return any((run_dir / name).exists() for name in ("config.json", "metrics.jsonl", "checkpoints"))
+
+
+def _clear_run(run_dir: Path) -> None:
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def run_training(
@@ -64,35 +89,53 @@ def run_training(
     split_file: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Train ``config`` on the cohort in ``data_dir``; write everything into ``run_dir``.
 
     Writes config.json, split.json, metrics.jsonl, checkpoints/{last,best}.safetensors (+ .json) and
     checkpoints/train_state.safetensors (+ .json). Returns the metrics of the epochs run here.
+
+    Everything the run needs (config, split, data, method and weights) is checked before the folder is
+    touched; the folder is locked for the run; a folder holding a run is only replaced with
+    ``overwrite`` (``resume`` continues it).
+
+    Raises:
+        InputError: Bad data, split or config, a damaged run folder on resume, a run folder in the way.
+        OutputBusy: Another live process writes ``run_dir``.
     """
+    from ..outputs import check_output_folder, rank_output_lock
+
     run_dir = Path(run_dir)
+    check_output_folder(run_dir)
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite contradict each other; give one")
     device = resolve_device(config.device)
     distributed = init_distributed(device)
     device = rank_device(device, distributed)
     cases = find_cases(data_dir)
-    if resume:
-        _check_resume(run_dir, config)
-    split = resolve_split(config, cases, run_dir, Path(split_file) if split_file else None, resume)
-    fit_ids, val_ids = validation_split(split.train, config.val_fraction, config.seed)
-    if distributed.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_split(split, run_dir / "split.json")
-        write_json(run_dir / "config.json", config.to_dict())
-        write_json(run_dir / "validation.json", {"fit": fit_ids, "val": val_ids, "split": asdict(split),
-                                                       "world_size": distributed.world})
-        if not resume and (run_dir / "metrics.jsonl").exists():
-            (run_dir / "metrics.jsonl").unlink()
-    by_id = {case_id_of(p): p for p in cases}
-    modalities = modalities_of(config)
-    train = load_slices([by_id[i] for i in fit_ids], modalities, config.max_slices_per_case, config.balance, config.seed)
-    val = load_slices([by_id[i] for i in val_ids], modalities, config.max_slices_per_case, False, config.seed)
-    method = build_trainable(config, device)
-    trainer = Trainer(config, method, train, val, run_dir, distributed, progress=progress)
-    if resume:
-        trainer.resume()
-    return trainer.fit()
+    with rank_output_lock(run_dir, "train", distributed, device=device):
+        if resume:
+            _check_resume(run_dir, config)
+        elif holds_run(run_dir) and not overwrite:
+            raise InputError(f"--out {run_dir}: already holds a training run (config.json, metrics.jsonl or checkpoints/); "
+                             "continue it with --resume, replace it with --overwrite, or give a new --out")
+        split = resolve_split(config, cases, run_dir, Path(split_file) if split_file else None, resume)
+        fit_ids, val_ids = validation_split(split.train, config.val_fraction, config.seed)
+        by_id = {case_id_of(p): p for p in cases}
+        modalities = modalities_of(config)
+        train = load_slices([by_id[i] for i in fit_ids], modalities, config.max_slices_per_case, config.balance, config.seed)
+        val = load_slices([by_id[i] for i in val_ids], modalities, config.max_slices_per_case, False, config.seed)
+        method = build_trainable(config, device)
+        trainer = Trainer(config, method, train, val, run_dir, distributed, progress=progress)
+        if resume:
+            trainer.resume()  # reads and checks every state file before anything is written
+        if distributed.main:
+            if overwrite and not resume:
+                _clear_run(run_dir)
+            save_split(split, run_dir / "split.json")
+            write_json(run_dir / "config.json", config.to_dict())
+            write_json(run_dir / "validation.json", {"fit": fit_ids, "val": val_ids, "split": asdict(split),
+                                                           "world_size": distributed.world})
+        distributed.barrier()
+        return trainer.fit()
