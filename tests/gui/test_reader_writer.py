@@ -10,7 +10,7 @@ import pytest
 
 from napari_clip_ad.io import Geometry, load_case, save_volume
 from napari_clip_ad._napari.layers import MAP_KIND, geometry_from_placement, placement
-from napari_clip_ad._napari.reader import get_reader, read_nifti_file
+from napari_clip_ad._napari.reader import read_cohort_folder, get_reader, read_nifti_file
 from napari_clip_ad._napari.writer import write_image, write_labels
 
 CASE = "BraTS-GLI-00002-000"
@@ -49,14 +49,15 @@ def test_old_layout_with_its_own_labels_is_read(shared_data: Path) -> None:
     assert seg.shape == image.shape and kwargs["scale"] == layers["pat0001 t2f"][1]["scale"]
 
 
-def test_paths_it_cannot_read_are_left_to_other_readers(tmp_path: Path, shared_data: Path) -> None:
+def test_paths_it_cannot_read_are_left_to_other_readers_cohorts_open(tmp_path: Path, shared_data: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "image.png").write_bytes(b"\x89PNG")
     assert get_reader(str(tmp_path)) is None  # folder without a case
     assert get_reader(str(tmp_path / "notes.txt")) is None
     assert get_reader(str(tmp_path / "image.png")) is None
     assert get_reader(str(tmp_path / "missing.nii.gz")) is None
-    assert get_reader(str(shared_data / "brats2023")) is None  # a cohort, not one case
+    # A cohort is no longer refused: its first case opens (issue 12, item 5).
+    assert get_reader(str(shared_data / "brats2023")) is read_cohort_folder
     assert get_reader([str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz")]) is None
 
 

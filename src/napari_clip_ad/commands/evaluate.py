@@ -60,15 +60,25 @@ def run(args: argparse.Namespace) -> int:
     options = ScoringOptions(restrict_to_brain=args.restrict_to_brain, min_component=args.min_component,
                              lesionwise=args.lesionwise)
     pairs = match_maps(args.maps, args.data)
-    scores = score_maps(pairs, threshold_rule, args.region, args.data, options=options)
-    summary = summarise(scores)
-    columns = (*CSV_COLUMNS[:-1], *LESION_COLUMNS, CSV_COLUMNS[-1]) if args.lesionwise else CSV_COLUMNS
-    write_text(args.out / "per_case.csv", _csv([case.row() for case in scores.cases], columns))
-    write_json(args.out / "summary.json", summary)
+    scores, summary = evaluate_pairs(pairs, threshold_rule, args.region, args.data, options, args.out)
     lesion = f", lesion-wise dice {summary['lesion_dice_mean']:.4f}" if args.lesionwise else ""
     print(f"evaluated {len(pairs)} cases: dice {summary['dice_mean']:.4f}{lesion}, AUROC {_fmt(summary['auroc'])}, "
           f"F1-max {_fmt(summary['f1max'])} -> {args.out}")
     return 0
+
+
+def evaluate_pairs(pairs: list, threshold_rule: str | float, region: str, data: Path, options: ScoringOptions,
+                   out: Path) -> tuple[Any, dict[str, Any]]:
+    """Score map/case pairs and write ``per_case.csv`` and ``summary.json`` to ``out`` (the command's files).
+
+    The napari Cohort widget calls this too, so its table and files are the command's.
+    """
+    scores = score_maps(pairs, threshold_rule, region, data, options=options)
+    summary = summarise(scores)
+    columns = (*CSV_COLUMNS[:-1], *LESION_COLUMNS, CSV_COLUMNS[-1]) if options.lesionwise else CSV_COLUMNS
+    write_text(Path(out) / "per_case.csv", _csv([case.row() for case in scores.cases], columns))
+    write_json(Path(out) / "summary.json", summary)
+    return scores, summary
 
 
 def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...] = CSV_COLUMNS) -> str:

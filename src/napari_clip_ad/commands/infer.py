@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 
-from ..atomic import write_json
-from ..io import case_id_of, find_cases, load_case, save_volume
+from ..io import case_id_of, find_cases, load_case
 
 
 
@@ -35,9 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..distributed import init_distributed, rank_device
+    from ..engine.outputs import write_case_outputs, write_run_summary
     from ..engine.pipeline import options_from_args, run_case
     from ..methods import build_method, resolve_device
-    from ..metrics import volume_metrics
 
     options = options_from_args(args)
     all_cases = find_cases(args.path)
@@ -71,18 +70,11 @@ def run(args: argparse.Namespace) -> int:
         finally:
             for bar in bars:
                 bar.close()
-        stem = args.out / case_id_of(path)
-        written.append(save_volume(result.anomaly_map, case, f"{stem}_anomaly.nii.gz"))
-        written.append(save_volume(result.mask, case, f"{stem}_mask.nii.gz"))
-        if case.whole_tumour is not None:
-            metrics = volume_metrics(result.mask.astype(bool), case.whole_tumour)
-            write_json(f"{stem}_metrics.json", {"case_id": case.case_id, "threshold": options.threshold, **metrics, **result.info})
-            written.append(Path(f"{stem}_metrics.json"))
+        written += write_case_outputs(case, result, args.out, case_id_of(path))
     ranks.barrier()
     if ranks.main:  # one summary for the whole cohort, written once every rank has finished
-        write_json(args.out / "infer.json", {**description, **options.describe(),
-                                             "weights": getattr(method, "weights_source", None),
-                                             "world_size": ranks.world, "cases": [case_id_of(p) for p in all_cases]})
+        write_run_summary(args.out, description, options, getattr(method, "weights_source", None),
+                          [case_id_of(p) for p in all_cases], ranks.world)
     for path in written:
         print(path)
     return 0
