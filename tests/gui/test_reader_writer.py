@@ -145,9 +145,19 @@ def test_viewer_opens_a_case_folder_and_saves_a_layer_with_the_plugin(make_napar
 
 
 @pytest.mark.gui
-def test_sample_data_is_the_synthetic_case(make_napari_viewer) -> None:
+def test_sample_data_is_the_synthetic_case(make_napari_viewer, qtbot, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     viewer = make_napari_viewer()
-    viewer.open_sample("napari-clip-ad", "synthetic-case")
+    viewer.open_sample("napari-clip-ad", "synthetic-case")  # first time: built in a worker, the UI stays live
+    assert [layer.metadata.get("kind") for layer in viewer.layers] == ["sample_placeholder"]
+    qtbot.waitUntil(lambda: len(viewer.layers) == 5, timeout=300_000)
+    assert not any(layer.metadata.get("kind") == "sample_placeholder" for layer in viewer.layers)
+    built = {layer.name: np.asarray(layer.data) for layer in viewer.layers}
+    viewer.layers.clear()
+    viewer.open_sample("napari-clip-ad", "synthetic-case")  # then: read from the disk cache at once
+    assert len(viewer.layers) == 5
+    for layer in viewer.layers:
+        np.testing.assert_array_equal(np.asarray(layer.data), built[layer.name])
     kinds = sorted((type(layer).__name__, layer.name.split()[-1]) for layer in viewer.layers)
     assert kinds == [("Image", "t1c"), ("Image", "t1n"), ("Image", "t2f"), ("Image", "t2w"), ("Labels", "seg")]
     seg = next(layer for layer in viewer.layers if layer.name.endswith("seg"))

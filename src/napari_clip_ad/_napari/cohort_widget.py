@@ -128,7 +128,7 @@ class CohortWidget(Container):
         self.run_button = PushButton(text="Run cohort", tooltip="run every case in the background; click again to cancel")
         self.status = wrapping(Label(value=""))
         self.pooled = wrapping(Label(value="", tooltip="pooled pixel AUROC and F1-max over every case (as evaluate)"))
-        self.table = Table(value={"data": [], "columns": list(TABLE_COLUMNS)},
+        self.table = Table(value={c: [] for c in TABLE_COLUMNS},
                            tooltip="per-case metrics (evaluate's per_case.csv); click a row to open the case")
         self.csv_file = FileEdit(label="CSV file", mode="w", filter="*.csv", nullable=True, tooltip="where Export CSV writes")
         self.export_button = PushButton(text="Export CSV", tooltip="write the per-case table (per_case.csv's content)")
@@ -206,7 +206,7 @@ class CohortWidget(Container):
             return
         self.rows = outcome.rows
         columns = list(TABLE_COLUMNS) + ([LESION_COLUMN] if self._job.lesionwise else [])
-        self.table.value = {"data": [[row[c] for c in columns] for row in self.rows], "columns": columns}
+        self.table.value = {c: [row[c] for row in self.rows] for c in columns}  # column name -> values
         s = outcome.summary
         auroc = "n/a" if s.get("auroc") is None else f"{s['auroc']:.4f}"
         f1max = "n/a" if s.get("f1max") is None else f"{s['f1max']:.4f}"
