@@ -150,3 +150,26 @@ def test_saving_two_layers_writes_two_aligned_files(make_napari_viewer, small_co
     reopened = viewer.open(str(tmp_path / "results" / f"{map_layer.name}.nii.gz"), plugin=PLUGIN)[0]
     assert reopened.metadata["kind"] == "anomaly_map"
     np.testing.assert_array_equal(reopened.data, map_layer.data)
+
+
+def test_3d_drag_moves_the_iso_surface_and_materialises_once_settled(make_napari_viewer, small_cohort) -> None:
+    viewer = make_napari_viewer()
+    _, _, map_layer = _case_with_map(viewer, small_cohort)
+    widget = _docked(viewer, "Threshold and metrics")
+    widget.threshold.value = 0.5
+    widget.flush()
+    mask, overlay = _mask(viewer), _overlay(viewer)
+    viewer.dims.ndisplay = 3
+    # One volume pass per frame: the map's iso-surface at the threshold stands for the mask; mask and overlay hidden.
+    assert map_layer.rendering == "iso" and map_layer.iso_threshold == 0.5
+    assert not mask.visible and not overlay.visible
+    before = mask.data.copy()
+    for value in (0.45, 0.4, 0.35):  # a drag
+        widget.threshold.value = value
+        assert map_layer.iso_threshold == value  # shown at once
+    np.testing.assert_array_equal(mask.data, before)  # not materialised during the drag
+    widget.flush()  # the drag has settled
+    np.testing.assert_array_equal(mask.data, map_layer.data >= np.float32(0.35))
+    assert widget.numbers.threshold == 0.35
+    viewer.dims.ndisplay = 2
+    assert map_layer.rendering != "iso" and mask.visible and overlay.visible

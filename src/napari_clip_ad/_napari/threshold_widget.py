@@ -9,7 +9,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlide
 from napari.layers import Image, Labels
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info
-from superqt.utils import qthrottled
+from superqt.utils import qdebounced, qthrottled
 
 from ..errors import ClipAdError, InputError
 from ..postprocess3d import remove_small_components
@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import napari
 
 THROTTLE_MS = 60
+SETTLE_3D_MS = 250
+"""In 3D a drag shows the map's iso-surface at once; mask, overlay and metrics follow once it rests this long."""
 OVERLAY_KIND = "error_overlay"
 AXIS_NAMES = ("axial", "coronal", "sagittal")
 
@@ -79,8 +81,10 @@ class ThresholdWidget(Container):
         self._exact: float | None = None
         self._watched: set[int] = set()
         self._apply_soon = qthrottled(self.apply, timeout=THROTTLE_MS)
+        self._apply_settled = qdebounced(self.apply, timeout=SETTLE_3D_MS)
         self._slice_soon = qthrottled(self.update_slice_numbers, timeout=THROTTLE_MS)
-        self.threshold.changed.connect(self._apply_soon)
+        self._saved_3d: dict[int, dict[str, Any]] = {}
+        self.threshold.changed.connect(self._on_threshold_changed)
         self.anomaly_map.changed.connect(self._on_map_changed)
         self.ground_truth.changed.connect(self._on_ground_truth_changed)
         self.in_brain.changed.connect(self._on_ground_truth_changed)
@@ -92,13 +96,16 @@ class ThresholdWidget(Container):
         napari_viewer.layers.events.removed.connect(self.reset_choices)
         napari_viewer.dims.events.current_step.connect(self._slice_soon)
         napari_viewer.dims.events.order.connect(self._on_ground_truth_changed)
+        napari_viewer.dims.events.ndisplay.connect(self._on_ndisplay)
         self.native.destroyed.connect(self._disconnect)
         self._on_map_changed()
 
     def _disconnect(self, *_: Any) -> None:
         """Stop listening to the viewer once the widget is gone (pending updates are dropped)."""
         self._apply_soon.cancel()
+        self._apply_settled.cancel()
         self._slice_soon.cancel()
+        self.viewer.dims.events.ndisplay.disconnect(self._on_ndisplay)
         self.viewer.layers.events.inserted.disconnect(self._on_layer_inserted)
         self.viewer.layers.events.removed.disconnect(self.reset_choices)
         self.viewer.dims.events.current_step.disconnect(self._slice_soon)
@@ -157,12 +164,48 @@ class ThresholdWidget(Container):
         """Move the slider to ``value`` and use it exactly."""
         self._exact = float(value)
         self.threshold.value = self._exact
-        self._apply_soon()
+        self._on_threshold_changed()
 
     def flush(self) -> None:
-        """Apply pending (throttled) slider and slice updates now."""
+        """Apply pending (throttled or settling) slider and slice updates now."""
         self._apply_soon.flush()
+        self._apply_settled.flush()
         self._slice_soon.flush()
+
+    # --- 3D: cheap frames while the threshold moves ---------------------------------------------
+    @property
+    def in_3d(self) -> bool:
+        """True while the viewer renders in 3D."""
+        return self.viewer.dims.ndisplay == 3
+
+    def _on_threshold_changed(self, *_: Any) -> None:
+        """2D: apply (throttled). 3D: move the map's iso-surface now (a uniform, no upload); apply once settled."""
+        if not self.in_3d:
+            self._apply_soon()
+            return
+        map_layer = self.anomaly_map.value
+        if map_layer is not None and map_layer.rendering == "iso":
+            map_layer.iso_threshold = self.current_threshold
+        self._apply_settled()  # a drag is coalesced: only the last value is materialised
+
+    def _on_ndisplay(self, *_: Any) -> None:
+        """In 3D show the mask as the map's iso-surface and hide the volume layers that would each cost a pass."""
+        map_layer = self.anomaly_map.value
+        if map_layer is None:
+            return
+        linked = [lay for lay in (self._linked(MASK_KIND), self._linked(OVERLAY_KIND)) if lay is not None]
+        if self.in_3d:
+            self._saved_3d = {id(lay): {"visible": lay.visible} for lay in linked}
+            self._saved_3d[id(map_layer)] = {"rendering": map_layer.rendering}
+            map_layer.rendering = "iso"
+            map_layer.iso_threshold = self.current_threshold
+            for layer in linked:
+                layer.visible = False
+        else:
+            map_layer.rendering = self._saved_3d.get(id(map_layer), {}).get("rendering", map_layer.rendering)
+            for layer in linked:
+                layer.visible = self._saved_3d.get(id(layer), {}).get("visible", layer.visible)
+            self._saved_3d = {}
 
     # --- layers ------------------------------------------------------------------------------
     def _linked(self, kind: str) -> Labels | None:
@@ -215,7 +258,8 @@ class ThresholdWidget(Container):
             layer = self.viewer.add_labels(np.zeros(map_layer.data.shape, dtype=np.uint8),
                                            name=f"{map_layer.name} errors (TP green, FP red, FN blue)",
                                            scale=map_layer.scale, translate=map_layer.translate, opacity=0.7,
-                                           colormap=overlay_colormap(), metadata={**meta, "kind": OVERLAY_KIND})
+                                           colormap=overlay_colormap(), metadata={**meta, "kind": OVERLAY_KIND},
+                                           visible=not self.in_3d)
         return layer
 
     def _mask_of(self, anomaly_map: np.ndarray, threshold: float, out: np.ndarray | None = None) -> np.ndarray:
@@ -326,7 +370,8 @@ class ThresholdWidget(Container):
                 overlay.refresh()
             else:
                 overlay.data = error_overlay(mask_data, gt, region)
-            overlay.visible = bool(self.show_overlay.value)
+            if not self.in_3d:  # in 3D it stays hidden unless the user shows it (one more volume pass per frame)
+                overlay.visible = bool(self.show_overlay.value)
         self.plot.set_dices(slice_dices(mask_data, gt, axis, region), AXIS_NAMES[axis] if axis < 3 else str(axis),
                             self.numbers.slice_index)
 
