@@ -13,7 +13,8 @@ class DicePlot(FigureCanvasQTAgg):
     """2D Dice of every slice of the map's grid, the slice on screen marked; a click calls ``on_pick(index)``."""
 
     def __init__(self, on_pick: Callable[[int], None]) -> None:
-        self.figure = Figure(figsize=(3.2, 1.8), dpi=90, layout="constrained")
+        self.figure = Figure(figsize=(3.2, 1.8), dpi=90)
+        self.figure.subplots_adjust(left=0.16, right=0.97, top=0.95, bottom=0.25)  # fixed: no layout pass per draw
         super().__init__(self.figure)
         self.axes = self.figure.add_subplot()
         self.setMinimumHeight(140)
@@ -39,8 +40,15 @@ class DicePlot(FigureCanvasQTAgg):
         self.draw_idle()
 
     def set_dices(self, dices: np.ndarray, axis_name: str, current: int | None) -> None:
-        """Plot ``dices`` (NaN = slice empty in both) and mark ``current``."""
-        self.dices = np.asarray(dices, dtype=float)
+        """Plot ``dices`` (NaN = slice empty in both) and mark ``current``; the line is updated in place when it can."""
+        dices = np.asarray(dices, dtype=float)
+        if self._line is not None and dices.size == self.dices.size:
+            self.dices = dices
+            self._line.set_ydata(dices)
+            self.axes.set_xlabel(f"{axis_name} slice (map grid)")
+            self.mark(current)
+            return
+        self.dices = dices
         self.axes.clear()
         x = np.arange(self.dices.size)
         self._line, = self.axes.plot(x, self.dices, ".-", color="tab:purple", markersize=2, linewidth=1)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import napari
 
 THROTTLE_MS = 60
+PLOT_SETTLE_MS = 150
+"""The per-slice Dice plot is redrawn once the threshold rests this long (a matplotlib draw costs ~0.1-0.5 s)."""
 SETTLE_3D_MS = 250
 """In 3D a drag shows the map's iso-surface at once; mask, overlay and metrics follow once it rests this long."""
 OVERLAY_KIND = "error_overlay"
@@ -83,6 +85,8 @@ class ThresholdWidget(Container):
         self._apply_soon = qthrottled(self.apply, timeout=THROTTLE_MS)
         self._apply_settled = qdebounced(self.apply, timeout=SETTLE_3D_MS)
         self._slice_soon = qthrottled(self.update_slice_numbers, timeout=THROTTLE_MS)
+        self._plot_soon = qdebounced(self._update_plot, timeout=PLOT_SETTLE_MS)
+        self._plot_args: tuple | None = None
         self._saved_3d: dict[int, dict[str, Any]] = {}
         self.threshold.changed.connect(self._on_threshold_changed)
         self.anomaly_map.changed.connect(self._on_map_changed)
@@ -104,6 +108,7 @@ class ThresholdWidget(Container):
         """Stop listening to the viewer once the widget is gone (pending updates are dropped)."""
         self._apply_soon.cancel()
         self._apply_settled.cancel()
+        self._plot_soon.cancel()
         self._slice_soon.cancel()
         self.viewer.dims.events.ndisplay.disconnect(self._on_ndisplay)
         self.viewer.layers.events.inserted.disconnect(self._on_layer_inserted)
@@ -171,6 +176,15 @@ class ThresholdWidget(Container):
         self._apply_soon.flush()
         self._apply_settled.flush()
         self._slice_soon.flush()
+        self._plot_soon.flush()
+
+    def _update_plot(self) -> None:
+        if self._plot_args is not None:
+            mask_data, gt, axis, region = self._plot_args
+            self._plot_args = None
+            index = None if self.numbers is None else self.numbers.slice_index
+            self.plot.set_dices(slice_dices(mask_data, gt, axis, region), AXIS_NAMES[axis] if axis < 3 else str(axis),
+                                index)
 
     # --- 3D: cheap frames while the threshold moves ---------------------------------------------
     @property
@@ -335,6 +349,7 @@ class ThresholdWidget(Container):
         """Show an error and clear every figure that would otherwise be stale."""
         self.volume_numbers.value, self.slice_numbers.value, self.map_scores.value = f"Error: {message}", "", ""
         self.numbers = self.scores = None
+        self._plot_args = None
         self.plot.clear_plot("error: see the message above")
         overlay = self.overlay_layer(create=False)
         if overlay is not None:
@@ -357,6 +372,7 @@ class ThresholdWidget(Container):
         self.slice_numbers.value = slice_text(self.numbers, mask_data.shape[axis])
         if gt is None:
             self.map_scores.value = ""
+            self._plot_args = None
             self.plot.clear_plot("no ground truth")
             overlay = self.overlay_layer(create=False)
             if overlay is not None:
@@ -372,8 +388,8 @@ class ThresholdWidget(Container):
                 overlay.data = error_overlay(mask_data, gt, region)
             if not self.in_3d:  # in 3D it stays hidden unless the user shows it (one more volume pass per frame)
                 overlay.visible = bool(self.show_overlay.value)
-        self.plot.set_dices(slice_dices(mask_data, gt, axis, region), AXIS_NAMES[axis] if axis < 3 else str(axis),
-                            self.numbers.slice_index)
+        self._plot_args = (mask_data, gt, axis, region)
+        self._plot_soon()
 
     def _update_scores(self, gt: np.ndarray, region: np.ndarray | None) -> None:
         """AUROC, AP, F1-max of the map: computed once per (map, ground truth, region)."""
