@@ -35,8 +35,8 @@ def _median_seconds(function, repeats: int) -> float:
 
 def main() -> int:
     """Measure and print one table (seconds, medians)."""
-    import numpy as np
     import napari
+    import numpy as np
     from qtpy.QtWidgets import QApplication
 
     from napari_clip_ad._napari.layers import map_kwargs, threshold_mask

@@ -6,10 +6,12 @@ import json
 import socket
 from typing import Any
 
-import numpy as np
 import pytest
 
-from napari_clip_ad.backbones.availability import backbone_availability, weights_availability
+from napari_clip_ad.backbones.availability import (
+    backbone_availability,
+    weights_availability,
+)
 
 pytestmark = pytest.mark.gui
 
@@ -40,7 +42,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
 def test_offline_default_says_what_is_missing_and_runs_random_in_one_click(make_napari_viewer, no_network,
                                                                           add_cropped_case, wait_until_idle) -> None:
     viewer = make_napari_viewer()
-    image, _ = add_cropped_case(viewer)
+    add_cropped_case(viewer)
     detect = _docked(viewer)
     assert detect.backbone.value == "openai-vit-l-14-336"  # the method's default, not downloaded here
     assert not detect.available and "Missing" in detect.availability.value

@@ -8,10 +8,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_clip_ad.io import Geometry, load_case, save_volume
 from napari_clip_ad._napari.layers import MAP_KIND, geometry_from_placement, placement
-from napari_clip_ad._napari.reader import read_cohort_folder, get_reader, read_nifti_file
+from napari_clip_ad._napari.reader import (
+    get_reader,
+    read_cohort_folder,
+    read_nifti_file,
+)
 from napari_clip_ad._napari.writer import write_image, write_labels
+from napari_clip_ad.io import Geometry, load_case, save_volume
 
 CASE = "BraTS-GLI-00002-000"
 

@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_clip_ad.metrics import PixelAccumulator, confusion, dice, volume_metrics
 from napari_clip_ad._napari.layers import map_kwargs
 from napari_clip_ad._napari.thresholds import FN, FP, TP
+from napari_clip_ad.metrics import PixelAccumulator, confusion, dice, volume_metrics
 
 pytestmark = pytest.mark.gui
 
@@ -135,7 +135,7 @@ def test_other_case_warns_wrong_shape_clears_and_status_wraps(make_napari_viewer
 
 def test_saving_two_layers_writes_two_aligned_files(make_napari_viewer, small_cohort, tmp_path) -> None:
     viewer = make_napari_viewer()
-    t2f, _, map_layer = _case_with_map(viewer, small_cohort)
+    _, _, map_layer = _case_with_map(viewer, small_cohort)
     widget = _docked(viewer, "Threshold and metrics")
     widget.flush()
     mask = _mask(viewer)

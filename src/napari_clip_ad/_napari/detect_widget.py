@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    ProgressBar,
+    PushButton,
+)
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -30,7 +37,13 @@ from ..methods.released import RELEASED
 from .advanced import CHOOSE_MODALITY, AdvancedOptions
 from .gl_safety import keep_triton_out
 from .layers import MAP_KIND, MASK_KIND, map_kwargs, mask_kwargs, stored_geometry
-from .provenance import auto_device, available_devices, has_accelerator, run_metadata, sha256_of
+from .provenance import (
+    auto_device,
+    available_devices,
+    has_accelerator,
+    run_metadata,
+    sha256_of,
+)
 from .status import wrapping
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -69,7 +69,7 @@ class DicePlot(FigureCanvasQTAgg):
                 self._marker.set_xdata([current, current])
         self.draw_idle()
 
-    def _clicked(self, event) -> None:  # noqa: ANN001 (a matplotlib MouseEvent)
+    def _clicked(self, event) -> None:
         if event.inaxes is not self.axes or event.xdata is None or not self.dices.size:
             return
         self._on_pick(int(np.clip(np.round(event.xdata), 0, self.dices.size - 1)))

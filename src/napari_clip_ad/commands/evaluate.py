@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     options = ScoringOptions(restrict_to_brain=args.restrict_to_brain, min_component=args.min_component,
                              lesionwise=args.lesionwise)
     pairs = match_maps(args.maps, args.data)
-    scores, summary = evaluate_pairs(pairs, threshold_rule, args.region, args.data, options, args.out)
+    _, summary = evaluate_pairs(pairs, threshold_rule, args.region, args.data, options, args.out)
     lesion = f", lesion-wise dice {summary['lesion_dice_mean']:.4f}" if args.lesionwise else ""
     print(f"evaluated {len(pairs)} cases: dice {summary['dice_mean']:.4f}{lesion}, AUROC {_fmt(summary['auroc'])}, "
           f"F1-max {_fmt(summary['f1max'])} -> {args.out}")

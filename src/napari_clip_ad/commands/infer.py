@@ -6,9 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from ..io import case_id_of, find_cases, load_case
-
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
