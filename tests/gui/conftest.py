@@ -55,3 +55,21 @@ def wait_until_idle(qtbot: Any) -> Any:
         qtbot.wait(50)
 
     return wait
+
+
+@pytest.fixture(autouse=True)
+def config_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test remembers its widget settings in its own config dir (never the user's)."""
+    home = tmp_path / "config"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home))
+    return home
+
+
+PIPELINE_CROP = (slice(160, 192), slice(70, 102), slice(75, 87))
+"""Source (x, y, z) crop of the real case: 32 x 32 x 12 voxels with tumour and brain (as tests/test_pipeline.py)."""
+
+
+@pytest.fixture(scope="session")
+def small_cohort(crop_real_cohort: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both real BraTS 2023 cases cropped to 32 x 32 x 12 voxels, every modality and seg."""
+    return crop_real_cohort(tmp_path_factory.mktemp("gui") / "cohort", PIPELINE_CROP)

@@ -29,7 +29,10 @@ def test_manifest_contributions() -> None:
     contributions = manifest.contributions
     reader, = contributions.readers
     assert reader.accepts_directories and set(reader.filename_patterns) == {"*.nii", "*.nii.gz"}
-    assert sorted(t for w in contributions.writers for t in w.layer_types) == ["image", "labels"]
-    assert all(".nii.gz" in w.filename_extensions for w in contributions.writers)
+    single = [w for w in contributions.writers if len(w.layer_types) == 1]
+    assert sorted(t for w in single for t in w.layer_types) == ["image", "labels"]
+    assert all(".nii.gz" in w.filename_extensions for w in single)
+    several, = (w for w in contributions.writers if len(w.layer_types) > 1)  # several layers -> one file each
+    assert sorted(several.layer_types) == ["image*", "labels*"] and several.filename_extensions == []
     assert [s.key for s in contributions.sample_data] == ["synthetic-case"]
-    assert sorted(w.display_name for w in contributions.widgets) == ["Detect anomalies", "Threshold and metrics"]
+    assert sorted(w.display_name for w in contributions.widgets) == ["Cohort", "Detect anomalies", "Threshold and metrics"]

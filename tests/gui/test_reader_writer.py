@@ -8,10 +8,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_clip_ad.io import Geometry, load_case, save_volume
 from napari_clip_ad._napari.layers import MAP_KIND, geometry_from_placement, placement
-from napari_clip_ad._napari.reader import get_reader, read_nifti_file
+from napari_clip_ad._napari.reader import (
+    get_reader,
+    read_cohort_folder,
+    read_nifti_file,
+)
 from napari_clip_ad._napari.writer import write_image, write_labels
+from napari_clip_ad.io import Geometry, load_case, save_volume
 
 CASE = "BraTS-GLI-00002-000"
 
@@ -49,14 +53,15 @@ def test_old_layout_with_its_own_labels_is_read(shared_data: Path) -> None:
     assert seg.shape == image.shape and kwargs["scale"] == layers["pat0001 t2f"][1]["scale"]
 
 
-def test_paths_it_cannot_read_are_left_to_other_readers(tmp_path: Path, shared_data: Path) -> None:
+def test_paths_it_cannot_read_are_left_to_other_readers_cohorts_open(tmp_path: Path, shared_data: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "image.png").write_bytes(b"\x89PNG")
     assert get_reader(str(tmp_path)) is None  # folder without a case
     assert get_reader(str(tmp_path / "notes.txt")) is None
     assert get_reader(str(tmp_path / "image.png")) is None
     assert get_reader(str(tmp_path / "missing.nii.gz")) is None
-    assert get_reader(str(shared_data / "brats2023")) is None  # a cohort, not one case
+    # A cohort is no longer refused: its first case opens (issue 12, item 5).
+    assert get_reader(str(shared_data / "brats2023")) is read_cohort_folder
     assert get_reader([str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz")]) is None
 
 
@@ -144,9 +149,19 @@ def test_viewer_opens_a_case_folder_and_saves_a_layer_with_the_plugin(make_napar
 
 
 @pytest.mark.gui
-def test_sample_data_is_the_synthetic_case(make_napari_viewer) -> None:
+def test_sample_data_is_the_synthetic_case(make_napari_viewer, qtbot, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     viewer = make_napari_viewer()
-    viewer.open_sample("napari-clip-ad", "synthetic-case")
+    viewer.open_sample("napari-clip-ad", "synthetic-case")  # first time: built in a worker, the UI stays live
+    assert [layer.metadata.get("kind") for layer in viewer.layers] == ["sample_placeholder"]
+    qtbot.waitUntil(lambda: len(viewer.layers) == 5, timeout=300_000)
+    assert not any(layer.metadata.get("kind") == "sample_placeholder" for layer in viewer.layers)
+    built = {layer.name: np.asarray(layer.data) for layer in viewer.layers}
+    viewer.layers.clear()
+    viewer.open_sample("napari-clip-ad", "synthetic-case")  # then: read from the disk cache at once
+    assert len(viewer.layers) == 5
+    for layer in viewer.layers:
+        np.testing.assert_array_equal(np.asarray(layer.data), built[layer.name])
     kinds = sorted((type(layer).__name__, layer.name.split()[-1]) for layer in viewer.layers)
     assert kinds == [("Image", "t1c"), ("Image", "t1n"), ("Image", "t2f"), ("Image", "t2w"), ("Labels", "seg")]
     seg = next(layer for layer in viewer.layers if layer.name.endswith("seg"))

@@ -56,7 +56,7 @@ def test_detect_then_threshold_on_a_real_case(make_napari_viewer, qtbot, add_cro
     assert (detect.progress.value, detect.progress.max) == (12, 12)
 
     # Two layers, aligned with the source.
-    assert len(viewer.layers) == before + 2
+    assert len(viewer.layers) == before + 3  # map, mask and (with the ground truth) the error overlay
     anomaly = next(layer for layer in viewer.layers if layer.metadata.get("kind") == "anomaly_map")
     mask = next(layer for layer in viewer.layers if layer.metadata.get("kind") == "anomaly_mask")
     assert anomaly.data.shape == image.data.shape == mask.data.shape
@@ -65,7 +65,7 @@ def test_detect_then_threshold_on_a_real_case(make_napari_viewer, qtbot, add_cro
         np.testing.assert_array_equal(layer.translate, image.translate)
     assert anomaly.data.dtype == np.float32 and 0.0 <= anomaly.data.min() and anomaly.data.max() <= 1.0
     assert anomaly.colormap.name == "inferno" and tuple(anomaly.contrast_limits) == (0.0, 1.0)
-    assert anomaly.blending == "additive"
+    assert anomaly.blending == "additive" and anomaly.colorbar.visible
     meta = anomaly.metadata
     assert meta["method"] == "vand" and meta["backbone"] == "tiny-test (random weights)" and meta["random_weights"]
     assert meta["weights_sha256"] is None and meta["napari_clip_ad_version"] == __version__
@@ -79,7 +79,7 @@ def test_detect_then_threshold_on_a_real_case(make_napari_viewer, qtbot, add_cro
     for threshold in (0.3, 0.62):
         threshold_widget.threshold.value = threshold
         _settle(threshold_widget, threshold)
-        assert mask in viewer.layers and len(viewer.layers) == before + 2  # updated in place, no new layer
+        assert mask in viewer.layers and len(viewer.layers) == before + 3  # updated in place, no new layer
         np.testing.assert_array_equal(mask.data, anomaly.data >= np.float32(threshold))
         expected = volume_metrics(anomaly.data >= np.float32(threshold), gt)
         numbers = threshold_widget.numbers
@@ -159,7 +159,7 @@ def test_devices_offered_are_the_ones_available(make_napari_viewer) -> None:
     if torch.cuda.is_available():
         assert "cuda" in detect.device.choices and not detect.cpu_note.visible
     else:
-        assert detect.device.choices == ("cpu",)
+        assert detect.device.choices == ("auto", "cpu")
         assert detect.cpu_note.value == CPU_NOTE and not detect.cpu_note.native.isHidden()
     assert set(detect.backbone.choices) >= {"tiny-test", "openai-vit-l-14-336"}
     assert "vand-mvtec" in detect.weights.choices and "anomalyclip-mvtec" not in detect.weights.choices

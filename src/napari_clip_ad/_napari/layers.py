@@ -70,7 +70,7 @@ def case_layers(case: Case) -> list[LayerData]:
     layers: list[LayerData] = []
     for modality, volume in case.images.items():
         meta = {**_common(case.geometry, case.case_id, str(case.files.get(modality, case.path))), "modality": modality,
-                "brain_mask": case.brain_mask}
+                "brain_mask": case.brain_mask, "brain_mask_from": "file" if "brain_mask" in case.files else "images"}
         low, high = _robust_limits(volume)
         layers.append((volume, {"name": f"{case.case_id} {modality}", **where, "metadata": meta,
                                 "colormap": MODALITY_COLORMAPS.get(modality, "gray"), "contrast_limits": (low, high),

@@ -25,6 +25,14 @@ def available_devices() -> list[str]:
     return devices
 
 
+def auto_device() -> str:
+    """The device ``auto`` means: CUDA, then Apple MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
 def has_accelerator() -> bool:
     """True when a GPU (CUDA or MPS) is available."""
     return available_devices() != ["cpu"]

@@ -30,7 +30,9 @@ def get_reader(path: str | list[str]) -> ReaderFunction | None:
         return None
     path = Path(path)
     if path.is_dir():
-        return read_case_folder if _is_case_folder(path) else None
+        if _is_case_folder(path):
+            return read_case_folder
+        return read_cohort_folder if _cohort_cases(path) else None
     if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
         return read_nifti_file
     return None
@@ -41,6 +43,31 @@ def _is_case_folder(folder: Path) -> bool:
         return find_cases(folder, max_depth=0) == [folder]
     except (InputError, OSError):
         return False
+
+
+def _cohort_cases(folder: Path) -> list[Path]:
+    try:
+        return find_cases(folder)
+    except (InputError, OSError):
+        return []
+
+
+def read_cohort_folder(path: str | Path) -> list[LayerData]:
+    """A cohort folder: its first case (by name), and a note that the Cohort widget runs them all.
+
+    Every layer records ``cohort_root`` in its metadata, which the Cohort widget picks up.
+    """
+    from napari.utils.notifications import show_info
+
+    cases = _cohort_cases(Path(path))
+    if not cases:
+        raise InputError(f"{path}: no case folder found in it; see docs/io.md for the layouts read")
+    layers = case_layers(load_case(cases[0]))
+    for _, kwargs, _ in layers:
+        kwargs["metadata"]["cohort_root"] = str(path)
+    show_info(f"{path} is a cohort of {len(cases)} cases: its first case, {cases[0].name}, is open. To run every case, "
+              "use Plugins > napari-clip-ad > Cohort (the folder is filled in)")
+    return layers
 
 
 def read_case_folder(path: str | Path) -> list[LayerData]:
@@ -67,7 +94,7 @@ def read_nifti_file(path: str | Path) -> list[LayerData]:
     stem = strip_nifti_ext(path.name)
     meta = {"geometry": geometry, "case_id": stem, "source": str(path)}
     where = placement(geometry)
-    if stem.endswith("_anomaly") and np.issubdtype(canonical.dtype, np.floating):
+    if _looks_like_map(stem, canonical):
         kwargs = map_kwargs(stem, meta, where["scale"], where["translate"])
         return [(canonical.astype(np.float32, copy=False), kwargs, "image")]
     if _looks_like_labels(stem, canonical):
@@ -76,6 +103,17 @@ def read_nifti_file(path: str | Path) -> list[LayerData]:
             return [(labels.astype(np.uint8), mask_kwargs(stem, meta, where["scale"], where["translate"]), "labels")]
         return [(labels, {"name": stem, **where, "metadata": {**meta, "kind": "segmentation"}, "opacity": 0.5}, "labels")]
     return [(canonical.astype(np.float32, copy=False), {"name": stem, **where, "metadata": meta}, "image")]
+
+
+def _looks_like_map(stem: str, data: np.ndarray) -> bool:
+    """An anomaly map: ``<id>_anomaly`` (infer) or a saved map layer ``<image> anomaly (<method>, ...)``, float in [0, 1]."""
+    if not np.issubdtype(data.dtype, np.floating):
+        return False
+    if stem.endswith("_anomaly"):
+        return True
+    if " anomaly (" not in stem or "mask" in stem or "errors" in stem:
+        return False
+    return bool(data.size == 0 or (np.nanmin(data) >= 0.0 and np.nanmax(data) <= 1.0))
 
 
 def _looks_like_labels(stem: str, data: np.ndarray) -> bool:

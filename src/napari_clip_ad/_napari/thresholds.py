@@ -75,15 +75,20 @@ class Numbers:
         return {k: ("" if v is None else v) for k, v in self.__dict__.items()}
 
 
-def numbers_at(mask: np.ndarray, threshold: float, ground_truth: np.ndarray | None, slice_index: int | None) -> Numbers:
-    """Volume metrics of ``mask`` against the ground truth and the 2D Dice of one axial slice."""
+def numbers_at(mask: np.ndarray, threshold: float, ground_truth: np.ndarray | None, slice_index: int | None,
+               region: np.ndarray | None = None, axis: int = 0) -> Numbers:
+    """Volume metrics of ``mask`` against the ground truth (in ``region`` when given) and one slice's 2D Dice.
+
+    The slice is ``slice_index`` along ``axis`` of the map's own grid (None or outside the grid: no slice Dice).
+    """
     if ground_truth is None:
         return Numbers(threshold, predicted_voxels=int(np.count_nonzero(mask)), slice_index=slice_index)
     gt = np.asarray(ground_truth) > 0
-    values = volume_metrics(mask, gt)
+    values = volume_metrics(mask, gt, region)
     slice_dice = None
-    if slice_index is not None and 0 <= slice_index < mask.shape[0]:
-        slice_dice = dice(mask[slice_index], gt[slice_index])
+    if slice_index is not None and 0 <= slice_index < mask.shape[axis]:
+        cut = (slice(None),) * axis + (slice_index,)
+        slice_dice = dice(mask[cut], gt[cut], None if region is None else region[cut])
     return Numbers(threshold, values["dice"], values["sensitivity"], values["specificity"], values["ppv"],
                    int(values["tumour_voxels"]), int(values["predicted_voxels"]), slice_index, slice_dice)
 
@@ -98,3 +103,63 @@ def write_numbers_csv(path: str | Path, numbers: Numbers, context: dict[str, str
     path = Path(path)
     write_text(path, buffer.getvalue())
     return path
+
+
+TP, FP, FN = 1, 2, 3
+"""Error-overlay values (the study's Fig. 5 colours: TP green, FP red, FN blue)."""
+OVERLAY_COLORS = {0: (0.0, 0.0, 0.0, 0.0), TP: (0.0, 0.8, 0.0, 1.0), FP: (0.9, 0.0, 0.0, 1.0), FN: (0.1, 0.3, 1.0, 1.0)}
+
+
+def error_overlay(mask: np.ndarray, ground_truth: np.ndarray, region: np.ndarray | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 map of 1 = TP, 2 = FP, 3 = FN (0 = TN or outside ``region``) of ``mask`` against the ground truth."""
+    pred = np.asarray(mask, dtype=bool)
+    gt = np.asarray(ground_truth, dtype=bool)
+    if out is None:
+        out = np.zeros(pred.shape, dtype=np.uint8)
+    # c = 2 * pred + gt is 3 = TP, 2 = FP, 1 = FN, 0 = TN; (4 - c) % 4 turns that into 1, 2, 3, 0 in place.
+    np.multiply(pred.view(np.uint8), 2, out=out)
+    np.add(out, gt.view(np.uint8), out=out)
+    np.subtract(4, out, out=out)
+    np.remainder(out, 4, out=out)
+    if region is not None:
+        out[~np.asarray(region, dtype=bool)] = 0
+    return out
+
+
+def slice_dices(mask: np.ndarray, ground_truth: np.ndarray, axis: int = 0,
+                region: np.ndarray | None = None) -> np.ndarray:
+    """2D Dice of every slice along ``axis`` (NaN where prediction and ground truth are both empty)."""
+    pred = np.asarray(mask, dtype=bool)
+    gt = np.asarray(ground_truth, dtype=bool)
+    if region is not None:
+        pred, gt = pred & region, gt & region
+    other = tuple(i for i in range(pred.ndim) if i != axis)
+    tp = np.count_nonzero(pred & gt, axis=other)
+    total = np.count_nonzero(pred, axis=other) + np.count_nonzero(gt, axis=other)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 2.0 * tp / np.maximum(total, 1), np.nan)
+
+
+@dataclass
+class MapScores:
+    """Threshold-free scores of one map against its ground truth (computed once per map, ground truth, region)."""
+
+    auroc: float
+    f1max: float
+    f1max_threshold: float
+    ap: float | None = None
+
+
+def map_scores(anomaly_map: np.ndarray, ground_truth: np.ndarray, region: np.ndarray | None = None) -> MapScores:
+    """AUROC, F1-max (+ threshold) and, where the metrics package has it, AP, from the streaming accumulator."""
+    accumulator = PixelAccumulator()
+    accumulator.update(anomaly_map, ground_truth, mask=region, source="anomaly map layer")
+    return MapScores(accumulator.auroc(), accumulator.f1max(), accumulator.f1max_threshold(),
+                     average_precision_of(accumulator))
+
+
+def average_precision_of(accumulator: PixelAccumulator) -> float | None:
+    """Pixel AP of the pooled voxels (scikit-learn's step-wise definition; see docs/metrics.md)."""
+    value = accumulator.average_precision()
+    return None if value is None else float(value)

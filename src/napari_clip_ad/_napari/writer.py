@@ -48,3 +48,41 @@ def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
 def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     """Labels layer -> NIfTI (integer labels, dtype kept)."""
     return write_layer(path, data, meta)
+
+
+def _file_name(name: str) -> str:
+    """A layer name as a file name: path separators and control characters replaced."""
+    cleaned = "".join("_" if c in '/\\:*?"<>|' or ord(c) < 32 else c for c in name).strip().strip(".")
+    return cleaned or "layer"
+
+
+def write_layers(path: str, layer_data: list[tuple[Any, dict[str, Any], str]]) -> list[str]:
+    """Several layers at once: each as ``<layer name>.nii.gz`` in the folder ``path`` (made when missing).
+
+    Every layer is checked before anything is written, so a 2D or 4D layer in the selection writes
+    nothing and says which one; names that would collide get ``-2``, ``-3``... appended.
+    """
+    folder = Path(path)
+    if folder.name.lower().endswith((".nii", ".nii.gz")):
+        folder = folder.with_name(folder.name[: -len(".nii.gz")] if folder.name.lower().endswith(".nii.gz")
+                                  else folder.name[: -len(".nii")])
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder; saving several layers needs a folder name")
+    for data, meta, layer_type in layer_data:
+        shape = np.shape(data)
+        if layer_type not in ("image", "labels") or len(shape) != 3:
+            raise InputError(f"layer {meta.get('name')!r} ({layer_type}, shape {shape}) cannot be written as a 3D NIfTI "
+                             "volume; select only 3D image and labels layers")
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    used: set[str] = set()
+    for data, meta, layer_type in layer_data:
+        stem = _file_name(str(meta.get("name") or "layer"))
+        name, n = stem, 1
+        while name.lower() in used:
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name.lower())
+        target = str(folder / f"{name}.nii.gz")
+        written += (write_image if layer_type == "image" else write_labels)(target, data, meta)
+    return written

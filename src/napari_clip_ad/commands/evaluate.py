@@ -70,18 +70,30 @@ def run(args: argparse.Namespace) -> int:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         print(f"warning: {len(missing)} of {len(pairs) + len(missing)} cases in {args.data} have no map in {args.maps} "
               f"and are not scored: {shown}", file=sys.stderr)
-    scores = score_maps(pairs, threshold_rule, args.region, args.data, options=options)
-    summary = {**summarise(scores), "n_cases_missing_map": len(missing), "missing_maps": missing}
-    columns = (*CSV_COLUMNS[:-1], *LESION_COLUMNS, CSV_COLUMNS[-1]) if args.lesionwise else CSV_COLUMNS
-    columns = (*columns, *LITERATURE_COLUMNS)
-    with output_lock(args.out, "evaluate"), staged_files(args.out, last="summary.json") as staging:
-        write_text(staging / "per_case.csv", _csv([case.row() for case in scores.cases], columns))
-        write_json(staging / "summary.json", summary)
+    _, summary = evaluate_pairs(pairs, threshold_rule, args.region, args.data, options, args.out, missing)
     lesion = f", lesion-wise dice {summary['lesion_dice_mean']:.4f}" if args.lesionwise else ""
     print(f"evaluated {len(pairs)} cases: dice {summary['dice_mean']:.4f}{lesion}, AUROC {_fmt(summary['auroc'])}, "
           f"F1-max {_fmt(summary['f1max'])}, pixel AP {_fmt(summary['pixel_ap'])}, AUPRO {_fmt(summary['aupro'])}, "
           f"slice AUROC {_fmt(summary['slice_auroc'])} ({summary['slice_score']}) -> {args.out}")
     return 0
+
+
+def evaluate_pairs(pairs: list, threshold_rule: str | float, region: str, data: Path, options: ScoringOptions,
+                   out: Path, missing: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Score map/case pairs and write ``per_case.csv`` and ``summary.json`` to ``out`` (the command's files).
+
+    Written under the output folder's lock, staged and moved into place whole. The napari Cohort widget
+    calls this too, so its table and files are the command's.
+    """
+    missing = list(missing or [])
+    scores = score_maps(pairs, threshold_rule, region, data, options=options)
+    summary = {**summarise(scores), "n_cases_missing_map": len(missing), "missing_maps": missing}
+    columns = (*CSV_COLUMNS[:-1], *LESION_COLUMNS, CSV_COLUMNS[-1]) if options.lesionwise else CSV_COLUMNS
+    columns = (*columns, *LITERATURE_COLUMNS)
+    with output_lock(Path(out), "evaluate"), staged_files(Path(out), last="summary.json") as staging:
+        write_text(staging / "per_case.csv", _csv([case.row() for case in scores.cases], columns))
+        write_json(staging / "summary.json", summary)
+    return scores, summary
 
 
 def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...] = CSV_COLUMNS) -> str:
