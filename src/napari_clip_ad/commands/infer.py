@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default=None, metavar="industrial|medical|FILE",
                    help="prompt set of methods with hand-written prompts (vand, winclip, anovl, adaclip)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--image-size", type=int, default=240)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="square input size (default 240, the study's; 224 for anomalydino/musc in cross-subject mode)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=run)
 
@@ -41,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..distributed import init_distributed, rank_device
-    from ..engine.pipeline import ReferencePool, options_from_args
-    from ..methods import build_method, resolve_device
+    from ..engine.pipeline import ReferencePool, build_pipeline_method, options_from_args
+    from ..methods import resolve_device
     from ..outputs import CohortLog, check_output_folder, gather_cohort_logs, rank_output_lock
 
     options = options_from_args(args)
@@ -53,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     ranks = init_distributed(torch.device("cpu"))
     cases = all_cases[ranks.rank :: ranks.world]
     with rank_output_lock(args.out, "infer", ranks):
-        method = build_method(args.method, args.backbone, weights=args.weights, image_size=args.image_size,
-                              device=rank_device(device, ranks), **({"prompts": args.prompts} if args.prompts else {}))
+        method = build_pipeline_method(args.method, args.backbone, options, weights=args.weights, image_size=args.image_size,
+                                       device=rank_device(device, ranks), **({"prompts": args.prompts} if args.prompts else {}))
         description = method.describe()
         if method.backbone.random_weights:
             print(f"note: backbone {method.backbone.label}: results come from random weights and mean nothing", file=sys.stderr)

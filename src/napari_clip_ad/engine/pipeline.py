@@ -109,6 +109,23 @@ DEFAULT_K_SHOT = 4
 """Few-shot references per view when ``--k-shot`` is not given."""
 
 
+def build_pipeline_method(name: str, backbone: str | None, options: CaseOptions, image_size: int | None = None,
+                          **kwargs: Any) -> AnomalyMethod:
+    """``build_method`` with the pipeline's defaults: in cross-subject mode (anomalydino/musc with references) the
+    documented blocks and size of :func:`napari_clip_ad.crosssubject.method_defaults` unless given; else 240 px."""
+    from ..crosssubject import CROSS_SUBJECT_METHODS, method_defaults
+    from ..methods import build_method
+
+    if name.lower() in CROSS_SUBJECT_METHODS and options.few_shot and "layers" not in kwargs:
+        probe = build_method(name, backbone, image_size=image_size or 224, **{k: v for k, v in kwargs.items() if k == "device"})
+        blocks = getattr(probe.clip, "blocks", None)
+        n_blocks = len(blocks) if blocks is not None else len(probe.clip.visual.transformer.resblocks)
+        defaults = method_defaults(name.lower(), n_blocks)
+        size = defaults.pop("image_size", None)
+        return build_method(name, probe.backbone, image_size=image_size or size or 224, **{**defaults, **kwargs})
+    return build_method(name, backbone, image_size=image_size or 240, **kwargs)
+
+
 def feature_cache_dir() -> Path | None:
     """Folder of cached per-subject features of cross-subject mode (``NAPARI_CLIP_AD_FEATURE_CACHE``; ``off`` disables)."""
     import os
