@@ -177,3 +177,18 @@ def test_few_shot_references_are_seeded_draws_from_train_good(shared_data, tmp_p
     for path in pool:
         (flat / "train/good" / path.name).write_bytes(path.read_bytes())
     assert [p.name for p in reference_images(flat, 4, seed=0)] == [p.name for p in first]
+
+
+def test_four_shot_vand_uses_train_good_references(bmad_run, tmp_path):
+    """4-shot VAND (APRIL-GAN few-shot): references from train/good, recorded; the table labels it 4-shot."""
+    data, zero_out = bmad_run
+    out = tmp_path / "four"
+    assert main(["benchmark", "bmad", str(data), "--method", "vand", "--backbone", "tiny-test", "--device", "cpu",
+                 "--k-shot", "4", "--no-maps", "--out", str(out)]) == 0
+    record = json.loads((out / "metrics.json").read_text())
+    zero = json.loads((zero_out / "metrics.json").read_text())
+    assert record["k_shot"] == 4 and "4-shot" in (out / "metrics.md").read_text()
+    assert record["metrics"]["pixel_auroc"] != zero["metrics"]["pixel_auroc"]  # the memory bank changes the maps
+    train_good = {f.name for f in (data / "train" / "good" / "img").iterdir()} if (data / "train" / "good" / "img").is_dir() \
+        else {f.name for f in (data / "train" / "good").rglob("*.png")}
+    assert record["reference_split"] == "train" and len(record["references"]) == 4 and set(record["references"]) <= train_good
