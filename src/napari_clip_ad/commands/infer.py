@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 from ..atomic import write_json
+from ..errors import InputError
 from ..io import case_id_of, find_cases, load_case
 
 
@@ -26,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--image-size", type=int, default=240)
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only shard K of N (every N-th case of the sorted cohort) into the shared --out; then --merge")
+    p.add_argument("--merge", action="store_true",
+                   help="after --shard runs: write infer.json and metrics for the cases the shards wrote, name the missing ones")
     p.set_defaults(func=run)
 
 
@@ -38,11 +43,16 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.pipeline import ReferencePool, options_from_args, run_case, write_case_outputs
     from ..methods import build_method, resolve_device
 
+    from ..cohort import finish_shard, parse_shard, shard_cases, start_shard
+
+    if args.merge:
+        return _merge(args)
     options = options_from_args(args)
     all_cases = find_cases(args.path)
-    # Under torchrun the ranks share the cohort round-robin, each on its own GPU; gloo carries only the barrier.
+    shard = parse_shard(args.shard) if args.shard else None
+    # Under torchrun the ranks share the cohort (or the shard) round-robin, each on its own GPU; gloo carries only the barrier.
     ranks = init_distributed(torch.device("cpu"))
-    cases = all_cases[ranks.rank :: ranks.world]
+    cases = (shard_cases(all_cases, shard) if shard else all_cases)[ranks.rank :: ranks.world]
     method = build_method(args.method, args.backbone, weights=args.weights, image_size=args.image_size,
                           device=rank_device(resolve_device(args.device), ranks))
     description = method.describe()
@@ -50,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: backbone {method.backbone.label}: results come from random weights and mean nothing", file=sys.stderr)
     # --references auto in a cohort: the other cases of the cohort (never the analysed patient).
     pool = ReferencePool(options, method, training_cases=all_cases) if options.few_shot else None
+    summary = {**description, **options.describe(), "weights": getattr(method, "weights_source", None), "world_size": ranks.world}
+    if shard and ranks.main:
+        start_shard(args.out, shard, shard_cases(all_cases, shard), summary)
     written: list[Path] = []
     for path in tqdm(cases, desc="cases", unit="case", file=sys.stderr, disable=True if len(cases) < 2 else None):
         case = load_case(path, modalities=options.modalities_to_load)
@@ -74,10 +87,35 @@ def run(args: argparse.Namespace) -> int:
                 bar.close()
         written += write_case_outputs(result, case, args.out / case_id_of(path))
     ranks.barrier()
-    if ranks.main:  # one summary for the whole cohort, written once every rank has finished
-        write_json(args.out / "infer.json", {**description, **options.describe(),
-                                             "weights": getattr(method, "weights_source", None),
-                                             "world_size": ranks.world, "cases": [case_id_of(p) for p in all_cases]})
+    if ranks.main and shard:  # a shard records itself; 'infer --merge' writes infer.json for the union
+        finish_shard(args.out, shard, shard_cases(all_cases, shard), summary)
+    elif ranks.main:  # one summary for the whole cohort, written once every rank has finished
+        write_json(args.out / "infer.json", {**summary, "cases": [case_id_of(p) for p in all_cases]})
     for path in written:
         print(path)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """``infer --merge``: infer.json for the shards' union, ``evaluate`` metrics, the missing cases named."""
+    from ..cli import main
+    from ..cohort import merge_shards
+    from ..io import find_cases
+
+    if args.shard:
+        raise InputError("--merge joins the shards' outputs: give it without --shard (same PATH and --out)")
+    result = merge_shards(find_cases(args.path), args.out)
+    print(args.out / "infer.json")
+    for line in result.problems:
+        print(f"missing: {line}", file=sys.stderr)
+    if result.problems:
+        print(f"error: {len(result.problems)} of {len(result.done) + len(result.problems)} cases missing; "
+              "rerun their shards, then --merge again", file=sys.stderr)
+        return 1
+    if any((args.out / f"{case_id}_metrics.json").is_file() for case_id in result.done):  # ground truth present
+        status = main(["evaluate", "--maps", str(args.out), "--data", str(args.path), "--out", str(args.out / "evaluate"),
+                       "--threshold", str(result.summary.get("threshold", 0.5))])
+        if status:
+            return status
+        print(args.out / "evaluate" / "summary.json")
     return 0

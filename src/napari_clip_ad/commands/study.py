@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from ..errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,15 +34,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lesionwise", action="store_true", help="add BraTS-MET lesion-wise Dice to the report")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the model-free intensity baseline (robust z-score) whose row otherwise leads table 1")
-    p.set_defaults(func=run)
+    work = p.add_argument_group("one cell at a time (many processes or machines filling one --out)")
+    work.add_argument("--list-cells", action="store_true", help="print the grid's cell IDs (stable across runs), one a line, and exit")
+    work.add_argument("--cell", default=None, metavar="ID", help="run only this cell (an ID from --list-cells) into --out; no report")
+    work.add_argument("--report-only", action="store_true",
+                      help="build the report from the cells finished in --out; name the missing ones (exit 1 if any)")
+    p.set_defaults(func=run, study_parser=p)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the grid, then ``report`` on every cell."""
-    from ..cli import main
+def settings_from_args(args: argparse.Namespace):
+    """The :class:`~napari_clip_ad.study.StudySettings` of parsed ``study`` flags."""
     from ..engine.views import PostOptions
     from ..report.collect import parse_threshold
-    from ..study import StudySettings, run_study
+    from ..study import StudySettings
 
     rule = parse_threshold(args.threshold)
     post = PostOptions(views=PostOptions.parse_views(args.views), fuse=args.fuse, restrict_to_brain=args.restrict_to_brain,
@@ -51,7 +58,39 @@ def run(args: argparse.Namespace) -> int:
         threshold=rule if isinstance(rule, float) else 0.5, modality=args.modality, post=post,
         baseline=not args.no_baseline,
     )
-    runs = run_study(settings)
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the grid (or one cell, or only the report), then ``report`` on every finished cell."""
+    from ..study import cell_ids, finished_runs, prepare_study, run_study
+
+    settings = settings_from_args(args)
+    if sum(map(bool, (args.list_cells, args.cell, args.report_only))) > 1:
+        raise InputError("give one of --list-cells, --cell ID, --report-only")
+    if args.list_cells:
+        print("\n".join(cell_ids(settings)))
+        return 0
+    if args.cell:
+        run_study(settings, only=args.cell)
+        print(settings.out / "cells" / args.cell / "done.json")
+        return 0
+    if args.report_only:
+        _, _, grid = prepare_study(settings)
+        runs, missing = finished_runs(settings, grid)
+        for name in missing:
+            print(f"missing: cell {name} not finished; run 'study ... --cell {name}' (or rerun the study)", file=sys.stderr)
+        if not runs:
+            raise InputError(f"{args.out}: no finished cells to report yet ({len(missing)} missing)")
+        status = _report(args, runs)
+        return status or (1 if missing else 0)
+    return _report(args, run_study(settings))
+
+
+def _report(args: argparse.Namespace, runs: list[Path]) -> int:
+    """``report`` on the given map folders into ``<out>/report``."""
+    from ..cli import main
+
     report = ["report", *map(str, runs), "--data", str(args.data), "--out", str(args.out / "report"), "--threshold", args.threshold]
     if args.lesionwise:
         report.append("--lesionwise")
