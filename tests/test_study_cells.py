@@ -99,3 +99,41 @@ def test_a_running_cell_is_not_run_twice(cohort, tmp_path, capsys):
 def test_report_only_with_nothing_finished_is_one_line(cohort, tmp_path, capsys):
     assert main([*study_args(cohort, tmp_path / "empty"), "--report-only"]) == 2
     assert "no finished cells to report yet (3 missing)" in capsys.readouterr().err
+
+
+def test_emit_sbatch_writes_an_array_whose_task_runs_its_cell(cohort, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    out, scripts = tmp_path / "out", tmp_path / "sbatch"
+    args = [*study_args(cohort, out), "--partition", "gpu", "--time", "0-02:00:00", "--mem", "16G", "--gpus-per-task", "1",
+            "--account", "lab", "--qos", "normal", "--slurm-arg", "constraint=a100", "--array-limit", "2"]
+    assert main([*args, "--emit-sbatch", str(scripts)]) == 0
+    assert not out.exists()  # emitting runs nothing
+    cells = (scripts / "cells.sbatch").read_text()
+    for line in ("#SBATCH --array=0-2%2", "#SBATCH --partition=gpu", "#SBATCH --time=0-02:00:00", "#SBATCH --mem=16G",
+                 "#SBATCH --gpus-per-task=1", "#SBATCH --account=lab", "#SBATCH --qos=normal", "#SBATCH --constraint=a100",
+                 "#SBATCH --requeue", "CELLS=(intensity-baseline vand-industrial anovl-industrial)",
+                 f"#SBATCH --output={scripts}/logs/cell_%A_%a.out"):
+        assert line in cells.splitlines(), line
+    report = (scripts / "report.sbatch").read_text()
+    assert "--report-only" in report and "--gpus-per-task" not in report and "#SBATCH --account=lab" in report
+    assert "--dependency=afterany:" in (scripts / "submit.sh").read_text()
+    for text in (cells, report):
+        command = next(line for line in text.splitlines() if "napari_clip_ad.cli study" in line)
+        assert f"--out {out}" in command and "--backbone tiny-test" in command
+        assert "--partition" not in command and "--emit-sbatch" not in command  # Slurm flags stay in #SBATCH lines
+    # Array task 1 (as Slurm would start it) runs exactly the second cell.
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_JOB_ID": "77",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(["bash", str(scripts / "cells.sbatch")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cell vand-industrial: array task 77_1" in done.stdout
+    assert sorted(p.name for p in (out / "cells").iterdir()) == ["vand-industrial"]
+    assert (out / "cells" / "vand-industrial" / "done.json").is_file()
+
+
+def test_bad_slurm_arg_is_one_line(cohort, tmp_path, capsys):
+    assert main([*study_args(cohort, tmp_path / "o"), "--slurm-arg", "no value here", "--emit-sbatch", str(tmp_path / "s")]) == 2
+    assert "--slurm-arg 'no value here': write KEY=VALUE" in capsys.readouterr().err

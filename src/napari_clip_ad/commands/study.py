@@ -39,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     work.add_argument("--cell", default=None, metavar="ID", help="run only this cell (an ID from --list-cells) into --out; no report")
     work.add_argument("--report-only", action="store_true",
                       help="build the report from the cells finished in --out; name the missing ones (exit 1 if any)")
+    work.add_argument("--emit-sbatch", type=Path, default=None, metavar="DIR",
+                      help="write cells.sbatch (one array task per cell), report.sbatch (afterany) and submit.sh to DIR; run nothing")
+    from ..cluster import add_slurm_arguments
+
+    add_slurm_arguments(p)
     p.set_defaults(func=run, study_parser=p)
 
 
@@ -66,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
     from ..study import cell_ids, finished_runs, prepare_study, run_study
 
     settings = settings_from_args(args)
-    if sum(map(bool, (args.list_cells, args.cell, args.report_only))) > 1:
-        raise InputError("give one of --list-cells, --cell ID, --report-only")
+    if sum(map(bool, (args.list_cells, args.cell, args.report_only, args.emit_sbatch))) > 1:
+        raise InputError("give one of --list-cells, --cell ID, --report-only, --emit-sbatch DIR")
+    if args.emit_sbatch:
+        return _emit_sbatch(args, cell_ids(settings))
     if args.list_cells:
         print("\n".join(cell_ids(settings)))
         return 0
@@ -85,6 +92,19 @@ def run(args: argparse.Namespace) -> int:
         status = _report(args, runs)
         return status or (1 if missing else 0)
     return _report(args, run_study(settings))
+
+
+def _emit_sbatch(args: argparse.Namespace, ids: list[str]) -> int:
+    """Write the plain-Slurm scripts for this grid (see :mod:`napari_clip_ad.cluster.sbatch`)."""
+    from ..cluster import slurm_options_from_args
+    from ..cluster.sbatch import rebuild_command, write_sbatch
+
+    line = rebuild_command(args, args.study_parser, drop=("emit_sbatch", "list_cells", "cell", "report_only"))
+    paths = write_sbatch(args.emit_sbatch, ids, line, slurm_options_from_args(args))
+    for path in paths:
+        print(path)
+    print(f"{len(ids)} cells; submit with: bash {paths[-1]}", file=sys.stderr)
+    return 0
 
 
 def _report(args: argparse.Namespace, runs: list[Path]) -> int:
