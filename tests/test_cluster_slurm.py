@@ -1,0 +1,70 @@
+"""The study through a real Slurm (``study --emit-sbatch`` + ``sbatch``): same report as a local run.
+
+Needs a running Slurm whose clients are on PATH (``.ci/run`` starts a single-node one with ``.ci/slurm_up.sh``
+and exports ``SLURM_CONF``); skipped with the reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from napari_clip_ad.cli import main
+
+from test_study_cells import cohort, study_args, table_without_timing  # noqa: F401  (cohort is a fixture)
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _slurm_reason() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "no sbatch on PATH (start a single-node Slurm with .ci/slurm_up.sh, or run .ci/run)"
+    try:
+        up = subprocess.run(["sinfo", "-h", "-o", "%a"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 15 s (slurmctld not running?)"
+    if up.returncode != 0 or "up" not in up.stdout:
+        return f"no Slurm partition up (sinfo: {(up.stderr or up.stdout).strip()[:200]})"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_slurm_reason() is not None, reason=str(_slurm_reason()))
+
+
+def _wait_gone(job_ids: list[str], limit_s: float = 420) -> None:
+    """Wait until Slurm no longer lists the jobs (pending or running); fail the test past ``limit_s``."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        listed = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True)
+        if listed.returncode == 0 and not listed.stdout.strip():
+            return
+        time.sleep(1)
+    subprocess.run(["scancel", *job_ids])
+    pytest.fail(f"Slurm jobs {job_ids} still queued after {limit_s} s")
+
+
+def test_emitted_array_on_slurm_gives_the_local_report(cohort, tmp_path):  # noqa: F811
+    local, cluster, scripts = tmp_path / "local", tmp_path / "cluster", tmp_path / "jobs"
+    assert main(study_args(cohort, local)) == 0
+    assert main([*study_args(cohort, cluster), "--gpus-per-task", "1", "--mem", "2G", "--time", "10",
+                 "--emit-sbatch", str(scripts)]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    submitted = subprocess.run(["bash", str(scripts / "submit.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    array, report = re.search(r"array job (\d+) .* report: job (\d+)", submitted.stdout).groups()
+    _wait_gone([array, report])
+    logs = sorted((scripts / "logs").glob(f"cell_{array}_*.out"))
+    assert len(logs) == 3, [p.name for p in logs]
+    devices = {re.search(r"CUDA_VISIBLE_DEVICES=(\S*)", p.read_text()).group(1) for p in logs}
+    assert devices <= {"0", "1"} and devices, devices  # Slurm placed each task on one of the 2 (fake) GPUs
+    assert table_without_timing(cluster / "report" / "table1.csv") == table_without_timing(local / "report" / "table1.csv")
+    state = subprocess.run(["sacct", "-n", "-X", "-j", array, "-o", "State"], capture_output=True, text=True)
+    if state.returncode == 0:  # with accounting: every task COMPLETED
+        assert set(state.stdout.split()) == {"COMPLETED"}, state.stdout
