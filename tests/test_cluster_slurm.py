@@ -6,6 +6,7 @@ and exports ``SLURM_CONF``); skipped with the reason elsewhere.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -68,3 +69,24 @@ def test_emitted_array_on_slurm_gives_the_local_report(cohort, tmp_path):  # noq
     state = subprocess.run(["sacct", "-n", "-X", "-j", array, "-o", "State"], capture_output=True, text=True)
     if state.returncode == 0:  # with accounting: every task COMPLETED
         assert set(state.stdout.split()) == {"COMPLETED"}, state.stdout
+
+
+def test_executor_slurm_fills_the_folder_like_local_and_reruns_only_unfinished(cohort, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    local, cluster = tmp_path / "local", tmp_path / "cluster"
+    assert main(study_args(cohort, local)) == 0
+    # One cell finished beforehand: only the other two are submitted.
+    assert main([*study_args(cohort, cluster), "--cell", "intensity-baseline"]) == 0
+    capsys.readouterr()
+    assert main([*study_args(cohort, cluster), "--executor", "slurm", "--gpus-per-task", "1", "--mem", "2G", "--time", "10"]) == 0
+    err = capsys.readouterr().err
+    assert "submitted 2 cells as Slurm array" in err
+    record = json.loads((cluster / "slurm" / "jobs.json").read_text())["submissions"][-1]
+    assert sorted(record["cells"]) == ["anovl-industrial", "vand-industrial"]
+    assert table_without_timing(cluster / "report" / "table1.csv") == table_without_timing(local / "report" / "table1.csv")
+    _wait_gone([record["report"]])
+    assert main(["study", "--status", str(cluster)]) == 0
+    out = capsys.readouterr()
+    assert out.out.split() == ["intensity-baseline", "finished", "vand-industrial", "finished", "anovl-industrial", "finished"]
+    assert "finished 3 / running 0 / pending 0 / failed 0" in out.err
