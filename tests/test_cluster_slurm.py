@@ -64,7 +64,7 @@ def test_emitted_array_on_slurm_gives_the_local_report(cohort, tmp_path):  # noq
     logs = sorted((scripts / "logs").glob(f"cell_{array}_*.out"))
     assert len(logs) == 3, [p.name for p in logs]
     devices = {re.search(r"CUDA_VISIBLE_DEVICES=(\S*)", p.read_text()).group(1) for p in logs}
-    assert devices <= {"0", "1"} and devices, devices  # Slurm placed each task on one of the 2 (fake) GPUs
+    assert devices == {"0", "1"}, devices  # the first two tasks run side by side, each on its own (fake) GPU
     assert table_without_timing(cluster / "report" / "table1.csv") == table_without_timing(local / "report" / "table1.csv")
     state = subprocess.run(["sacct", "-n", "-X", "-j", array, "-o", "State"], capture_output=True, text=True)
     if state.returncode == 0:  # with accounting: every task COMPLETED
@@ -90,3 +90,32 @@ def test_executor_slurm_fills_the_folder_like_local_and_reruns_only_unfinished(c
     out = capsys.readouterr()
     assert out.out.split() == ["intensity-baseline", "finished", "vand-industrial", "finished", "anovl-industrial", "finished"]
     assert "finished 3 / running 0 / pending 0 / failed 0" in out.err
+
+
+def test_scancelled_cell_is_reported_failed_with_its_log_and_rerun_resubmits_only_it(cohort, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "study"
+    args = [*study_args(cohort, out), "--executor", "slurm", "--mem", "2G", "--time", "10"]
+    assert main([*args, "--detach"]) == 0
+    record = json.loads((out / "slurm" / "jobs.json").read_text())["submissions"][-1]
+    victim = record["cells"]["vand-industrial"]["job"]
+    end = time.monotonic() + 180
+    while time.monotonic() < end:  # cancel it once it runs (a kill mid-cell, not a never-started job)
+        state = subprocess.run(["squeue", "-h", "-j", victim, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        if state == "RUNNING":
+            break
+        time.sleep(0.5)
+    subprocess.run(["scancel", victim], check=True)
+    _wait_gone([record["array"], record["report"]])
+    capsys.readouterr()
+    assert main(["study", "--status", str(out)]) == 0
+    lines = {line.split("\t")[0]: line.split("\t")[1:] for line in capsys.readouterr().out.splitlines()}
+    assert lines["vand-industrial"][0] == "failed" and lines["vand-industrial"][1] == record["cells"]["vand-industrial"]["log"]
+    assert lines["intensity-baseline"] == ["finished"] and lines["anovl-industrial"] == ["finished"]
+    assert not (out / "cells" / "vand-industrial" / "done.json").exists()
+    before = {c: (out / "cells" / c / "done.json").stat().st_mtime_ns for c in ("intensity-baseline", "anovl-industrial")}
+    assert main(args) == 0  # the same command again: only the cancelled cell is resubmitted
+    assert "submitted 1 cells as Slurm array" in capsys.readouterr().err
+    assert {c: (out / "cells" / c / "done.json").stat().st_mtime_ns for c in before} == before
+    assert (out / "cells" / "vand-industrial" / "done.json").is_file()
