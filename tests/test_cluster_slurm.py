@@ -119,3 +119,20 @@ def test_scancelled_cell_is_reported_failed_with_its_log_and_rerun_resubmits_onl
     assert "submitted 1 cells as Slurm array" in capsys.readouterr().err
     assert {c: (out / "cells" / c / "done.json").stat().st_mtime_ns for c in before} == before
     assert (out / "cells" / "vand-industrial" / "done.json").is_file()
+
+
+def test_infer_shards_on_slurm_then_merge_equal_one_unsharded_run(cohort, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from test_cohort_shards import INFER, _files
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    assert main(["infer", str(cohort), *INFER, "--out", str(whole)]) == 0
+    capsys.readouterr()
+    assert main(["infer", str(cohort), *INFER, "--out", str(sharded), "--executor", "slurm", "--shards", "3",
+                 "--mem", "2G", "--time", "10"]) == 0
+    err = capsys.readouterr().err
+    assert "submitted 3 shards as Slurm array" in err
+    _wait_gone([re.search(r"merge as job (\d+)", err).group(1)])  # the dependent merge job also ran: let it end
+    assert _files(sharded) == _files(whole)
+    assert json.loads((sharded / "evaluate" / "summary.json").read_text())["n_cases"] == 4

@@ -166,3 +166,53 @@ def wait_and_report(out: Path, ids: Sequence[str], log: Callable[[str], None]) -
     for line in failed:
         log(line)
     return failed
+
+
+class InferTask:
+    """One cohort shard (or the merge, ``shard=""``) in a Slurm task: ``napari-clip-ad infer <flags> --shard K/N``."""
+
+    def __init__(self, infer_line: Sequence[str]) -> None:
+        self.infer_line = list(infer_line)
+
+    def __call__(self, shard: str) -> str:
+        from ..cli import main
+
+        status = main(["infer", *self.infer_line, *(["--shard", shard] if shard else ["--merge"])])
+        if status:
+            raise RuntimeError(f"infer {'--shard ' + shard if shard else '--merge'} exited with status {status} (see this task's log)")
+        return shard
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """Requeue the same shard near the time limit; its finished cases are rewritten identically."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def submit_shards(out: Path, count: int, infer_line: Sequence[str], slurm: SlurmOptions, attach: bool,
+                  log: Callable[[str], None]) -> int:
+    """``infer --executor slurm --shards N``: N shard tasks as one array, ``--merge`` after them (afterany).
+
+    Attached, waits for the array (submitit carries each task's error and log) and merges here too.
+    """
+    folder = Path(out).resolve() / "slurm"
+    shards = [f"{k}/{count}" for k in range(1, count + 1)]
+    jobs = _executor(folder, slurm, "clip-ad-shards").map_array(InferTask(infer_line), shards)
+    array_id = jobs[0].job_id.split("_")[0]
+    merge = _executor(folder, slurm, "clip-ad-merge", gpus=False, dependency=f"afterany:{array_id}").submit(InferTask(infer_line), "")
+    log(f"submitted {count} shards as Slurm array {array_id} (logs in {folder}), merge as job {merge.job_id} after it")
+    if not attach:
+        return 0
+    from tqdm import tqdm
+
+    failed = []
+    for shard, job in tqdm(list(zip(shards, jobs)), desc="shards", unit="shard", file=sys.stderr):
+        error = job.exception()  # submitit waits for the task (sacct notices killed ones) and carries its error
+        if error is not None:
+            failed.append(shard)
+            log(f"shard {shard} failed: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}; "
+                f"log: {job.paths.stdout}")
+    from ..cli import main
+
+    status = main(["infer", *infer_line, "--merge"])
+    return 1 if failed else status

@@ -31,7 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run only shard K of N (every N-th case of the sorted cohort) into the shared --out; then --merge")
     p.add_argument("--merge", action="store_true",
                    help="after --shard runs: write infer.json and metrics for the cases the shards wrote, name the missing ones")
-    p.set_defaults(func=run)
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="slurm: --shards N shards as one Slurm job array (submitit), then --merge after them")
+    p.add_argument("--shards", type=int, default=None, metavar="N", help="with --executor slurm: how many shards (array tasks)")
+    p.add_argument("--detach", action="store_true", help="with --executor slurm: return after submitting")
+    from ..cluster import add_slurm_arguments
+
+    add_slurm_arguments(p)
+    p.set_defaults(func=run, infer_parser=p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.merge:
         return _merge(args)
+    if args.executor == "slurm":
+        return _submit(args)
     options = options_from_args(args)
     all_cases = find_cases(args.path)
     shard = parse_shard(args.shard) if args.shard else None
@@ -94,6 +103,19 @@ def run(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    """``--executor slurm``: the shards as one array and the merge after it (see napari_clip_ad.cluster.submit)."""
+    from ..cluster import slurm_options_from_args
+    from ..cluster.sbatch import rebuild_command
+    from ..cluster.submit import submit_shards
+
+    if not args.shards or args.shards < 1 or args.shard:
+        raise InputError("--executor slurm needs --shards N (N >= 1, one array task each) and no --shard")
+    line = [str(args.path.resolve()), *rebuild_command(args, args.infer_parser, drop=("executor", "shards", "detach", "shard", "merge"))]
+    return submit_shards(args.out, args.shards, line, slurm_options_from_args(args), attach=not args.detach,
+                         log=lambda text: print(text, file=sys.stderr))
 
 
 def _merge(args: argparse.Namespace) -> int:
