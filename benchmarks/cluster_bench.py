@@ -52,10 +52,10 @@ def main() -> None:
     start = time.perf_counter()
     out = subprocess.run(["bash", str(root / "jobs" / "submit.sh")], env=env, capture_output=True, text=True, check=True).stdout
     array, report = re.search(r"array job (\d+) .* report: job (\d+)", out).groups()
-    while subprocess.run(["squeue", "-h", "-j", f"{array},{report}"], capture_output=True, text=True).stdout.strip():
+    while subprocess.run(["squeue", "-h", "-j", f"{array},{report}"], check=False, capture_output=True, text=True).stdout.strip():
         time.sleep(0.5)
     slurm_s = time.perf_counter() - start
-    sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-j", array, "-o", "ElapsedRaw"], capture_output=True, text=True).stdout
+    sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-j", array, "-o", "ElapsedRaw"], check=False, capture_output=True, text=True).stdout
     task_s = [int(x) for x in sacct.split()]
     same = (root / "local" / "report" / "table1.csv").read_text() == (root / "slurm" / "report" / "table1.csv").read_text()
     print(json.dumps({"cells": 4, "local_s": round(local_s, 1), "slurm_s": round(slurm_s, 1),

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_study_cells import cohort, study_args, table_without_timing  # noqa: F401  (cohort is a fixture)
 
 from napari_clip_ad.cli import main
-
-from test_study_cells import cohort, study_args, table_without_timing  # noqa: F401  (cohort is a fixture)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -27,7 +26,7 @@ def _slurm_reason() -> str | None:
     if shutil.which("sbatch") is None:
         return "no sbatch on PATH (start a single-node Slurm with .ci/slurm_up.sh, or run .ci/run)"
     try:
-        up = subprocess.run(["sinfo", "-h", "-o", "%a"], capture_output=True, text=True, timeout=15)
+        up = subprocess.run(["sinfo", "-h", "-o", "%a"], check=False, capture_output=True, text=True, timeout=15)
     except subprocess.TimeoutExpired:
         return "sinfo did not answer within 15 s (slurmctld not running?)"
     if up.returncode != 0 or "up" not in up.stdout:
@@ -42,11 +41,11 @@ def _wait_gone(job_ids: list[str], limit_s: float = 420) -> None:
     """Wait until Slurm no longer lists the jobs (pending or running); fail the test past ``limit_s``."""
     end = time.monotonic() + limit_s
     while time.monotonic() < end:
-        listed = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True)
+        listed = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], check=False, capture_output=True, text=True)
         if listed.returncode == 0 and not listed.stdout.strip():
             return
         time.sleep(1)
-    subprocess.run(["scancel", *job_ids])
+    subprocess.run(["scancel", *job_ids], check=False)
     pytest.fail(f"Slurm jobs {job_ids} still queued after {limit_s} s")
 
 
@@ -57,7 +56,7 @@ def test_emitted_array_on_slurm_gives_the_local_report(cohort, tmp_path):  # noq
                  "--emit-sbatch", str(scripts)]) == 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1"}
-    submitted = subprocess.run(["bash", str(scripts / "submit.sh")], env=env, capture_output=True, text=True, timeout=60)
+    submitted = subprocess.run(["bash", str(scripts / "submit.sh")], env=env, check=False, capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     array, report = re.search(r"array job (\d+) .* report: job (\d+)", submitted.stdout).groups()
     _wait_gone([array, report])
@@ -66,7 +65,7 @@ def test_emitted_array_on_slurm_gives_the_local_report(cohort, tmp_path):  # noq
     devices = {re.search(r"CUDA_VISIBLE_DEVICES=(\S*)", p.read_text()).group(1) for p in logs}
     assert devices == {"0", "1"}, devices  # the first two tasks run side by side, each on its own (fake) GPU
     assert table_without_timing(cluster / "report" / "table1.csv") == table_without_timing(local / "report" / "table1.csv")
-    state = subprocess.run(["sacct", "-n", "-X", "-j", array, "-o", "State"], capture_output=True, text=True)
+    state = subprocess.run(["sacct", "-n", "-X", "-j", array, "-o", "State"], check=False, capture_output=True, text=True)
     if state.returncode == 0:  # with accounting: every task COMPLETED
         assert set(state.stdout.split()) == {"COMPLETED"}, state.stdout
 
@@ -102,7 +101,7 @@ def test_scancelled_cell_is_reported_failed_with_its_log_and_rerun_resubmits_onl
     victim = record["cells"]["vand-industrial"]["job"]
     end = time.monotonic() + 180
     while time.monotonic() < end:  # cancel it once it runs (a kill mid-cell, not a never-started job)
-        state = subprocess.run(["squeue", "-h", "-j", victim, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        state = subprocess.run(["squeue", "-h", "-j", victim, "-o", "%T"], check=False, capture_output=True, text=True).stdout.strip()
         if state == "RUNNING":
             break
         time.sleep(0.5)
