@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Stop what .ci/slurm_up.sh started: exactly the PIDs in its PID files (never by process name). Always exits 0.
 SLURM_CI_DIR=${SLURM_CI_DIR:?set SLURM_CI_DIR to the folder given to slurm_up.sh}
-for daemon in slurmd slurmctld slurmdbd mariadbd munged; do
-  file="$SLURM_CI_DIR/$daemon.pid"
+# db/mariadbd.pid too: if slurm_up.sh stopped before copying it, MariaDB still runs under that PID.
+for file in "$SLURM_CI_DIR"/{slurmd,slurmctld,slurmdbd,mariadbd}.pid "$SLURM_CI_DIR/db/mariadbd.pid" "$SLURM_CI_DIR/munged.pid"; do
   [ -s "$file" ] || continue
   pid=$(cat "$file")
   kill "$pid" 2>/dev/null || true
