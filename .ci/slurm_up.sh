@@ -90,6 +90,9 @@ if [ "$ACCOUNTING" = 1 ]; then
     </dev/null >/dev/null 2>&1 &
   wait_for 30 mariadb -e 'select 1'
   cp "$SLURM_CI_DIR/db/mariadbd.pid" "$SLURM_CI_DIR/mariadbd.pid"
+  # One accounting database per cluster folder: a restarted cluster numbers jobs from 1 again, and old records
+  # with the same ids in a shared database would give sacct (and submitit) the states of earlier jobs.
+  db_name=slurm_acct_$(basename "$SLURM_CI_DIR" | tr -c 'A-Za-z0-9_\n' '_')
   cat > "$ETC/slurmdbd.conf" <<CONF
 AuthType=auth/munge
 DbdHost=localhost
@@ -98,7 +101,7 @@ SlurmUser=root
 StorageType=accounting_storage/mysql
 StorageHost=localhost
 StorageUser=root
-StorageLoc=slurm_acct_db
+StorageLoc=$db_name
 PidFile=$SLURM_CI_DIR/slurmdbd.pid
 LogFile=$SLURM_CI_DIR/log/slurmdbd.log
 CONF

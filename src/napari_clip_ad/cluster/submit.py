@@ -135,8 +135,9 @@ def cell_states(out: Path, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
             states[cell] = ("not submitted", "")
         else:
             state = submitit.SlurmJob(folder=info["folder"] + "/%j", job_id=info["job"]).state.upper()
+            # submitit's list of states that are not final (core.Watcher.is_done); every other one is an end.
             kind = "running" if state in ("RUNNING", "COMPLETING", "CONFIGURING") else \
-                "pending" if state in ("PENDING", "REQUEUED", "UNKNOWN") else "failed"
+                "pending" if state in ("READY", "PENDING", "REQUEUED", "UNKNOWN", "PREEMPTED") else "failed"
             states[cell] = (kind, info["log"])
     return states
 
