@@ -83,6 +83,39 @@ def cells(settings: StudySettings) -> list[tuple[str, str]]:
     return ([(BASELINE_METHOD, BASELINE_SETUP)] if settings.baseline or BASELINE_METHOD in settings.methods else []) + grid
 
 
+def cell_id(entry: Sequence[Any]) -> str:
+    """The stable ID (and folder name under ``cells/``) of one grid entry from :func:`cells`.
+
+    ``<method>-<setup>``, then one part per further grid dimension: a k-shot count ``k`` adds
+    ``-<k>shot`` when k > 0 (k = 0 adds nothing, so zero-shot IDs stay as they were); other values
+    add ``-<value>``. ``study --list-cells``, ``--cell``, the folders and the sbatch scripts all use this.
+    """
+    method, setup, *rest = entry
+    parts = [str(method), str(setup)]
+    for value in rest:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value:
+                parts.append(f"{value}shot")
+        elif value not in (None, ""):
+            parts.append(str(value))
+    return "-".join(parts)
+
+
+def cell_ids(settings: StudySettings) -> list[str]:
+    """Every cell's ID in grid order (what ``study --list-cells`` prints)."""
+    return [cell_id(entry) for entry in cells(settings)]
+
+
+def find_cell(settings: StudySettings, wanted: str) -> tuple:
+    """The grid entry whose ID is ``wanted``; an :class:`InputError` listing the IDs otherwise."""
+    grid = cells(settings)
+    for entry in grid:
+        if cell_id(entry) == wanted:
+            return entry
+    raise InputError(f"--cell {wanted!r} is not in this study's grid; 'study --list-cells' prints them: "
+                     f"{', '.join(cell_id(e) for e in grid)}")
+
+
 def study_split(settings: StudySettings) -> tuple[list[Path], Any]:
     """The cohort's cases and the saved 70/30 patient split (made once, then reused)."""
     cases = find_cases(settings.data)
@@ -134,7 +167,7 @@ def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path]
     from .methods import build_method, method_class
     from .train import run_training
 
-    cell = settings.out / "cells" / f"{method}-{setup}"
+    cell = settings.out / "cells" / cell_id((method, setup))
     if method == BASELINE_METHOD:
         return _run_baseline_cell(settings, cell, cases, split)
     if setup == TRAINFREE_SETUP:
@@ -257,37 +290,74 @@ def _infer_split(settings: StudySettings, method_obj, modality: str, post: PostO
     write_json(maps_dir / "infer.json", {**record, **options.describe(), "cases": list(test_ids)})
 
 
-def run_study(settings: StudySettings) -> list[Path]:
-    """Run (or resume) the whole grid, then write the report; returns the cells' map folders."""
-    from .outputs import output_lock
-
-    grid = cells(settings)
+def check_settings(settings: StudySettings, grid: Sequence[tuple]) -> None:
+    """Every flag checked (seed, epochs, device, inference options) before anything is written."""
     from .methods import resolve_device
 
-    for method, setup in grid:  # every flag checked (seed, epochs, device...) before anything is written
-        resolve_device(_config(settings, method, setup).device)
+    resolve_device(settings.device or "auto")
+    for method, setup in grid:
+        if method != BASELINE_METHOD and setup != TRAINFREE_SETUP:
+            resolve_device(_config(settings, method, setup.partition("+")[0]).device)
     post = settings.post
     CaseOptions(modality=settings.modality, views=post.views, fuse=post.fuse, restrict_to_brain=post.restrict_to_brain,
                 smooth3d_mm=post.smooth3d_mm, min_component=post.min_component, threshold=settings.threshold,
                 batch_size=settings.batch_size)  # the inference flags too (the same check _infer_split makes)
-    with output_lock(settings.out, "study"):
-        return _run_grid(settings, grid)
 
 
-def _run_grid(settings: StudySettings, grid: list[tuple[str, str]]) -> list[Path]:
+def prepare_study(settings: StudySettings) -> tuple[list[Path], Any, list[tuple]]:
+    """The cases, the saved split and the grid; writes ``study.json`` (same content from every process)."""
+    grid = cells(settings)
+    check_settings(settings, grid)
+    settings.out.mkdir(parents=True, exist_ok=True)
     cases, split = study_split(settings)
-    write_json(settings.out / "study.json", {"data": str(settings.data), "cells": [f"{m}-{s}" for m, s in grid],
+    write_json(settings.out / "study.json", {"data": str(settings.data), "cells": [cell_id(e) for e in grid],
                                              "train_cases": split.train, "test_cases": split.test})
-    runs = []
-    for index, (method, setup) in enumerate(grid, start=1):
-        cell = settings.out / "cells" / f"{method}-{setup}"
+    return cases, split, grid
+
+
+def run_one_cell(settings: StudySettings, entry: tuple, cases: list[Path], split: Any, tag: str = "") -> bool:
+    """Run one grid entry unless it is done, holding its lock; returns whether it ran now.
+
+    Raises:
+        InputError: Another process holds the cell's lock (it is running that cell now).
+    """
+    from .worklock import hold_lock
+
+    name, cell = cell_id(entry), settings.out / "cells" / cell_id(entry)
+    label = f"{tag}{entry[0]}/{entry[1]}" if name == f"{entry[0]}-{entry[1]}" else f"{tag}{name}"
+    if (cell / "done.json").is_file():
+        settings.log(f"{label}: done earlier, skipped")
+        return False
+    with hold_lock(cell / ".lock", what=f"study cell {name}"):
+        if (cell / "done.json").is_file():  # finished by another process while we waited for nothing
+            settings.log(f"{label}: done earlier, skipped")
+            return False
+        settings.log(f"{label}: running")
+        run_cell(settings, *entry, cases, split)
+    return True
+
+
+def finished_runs(settings: StudySettings, grid: Sequence[tuple]) -> tuple[list[Path], list[str]]:
+    """The map folders of the finished cells (grid order) and the IDs of the cells not finished."""
+    runs, missing = [], []
+    for entry in grid:
+        cell = settings.out / "cells" / cell_id(entry)
         if (cell / "done.json").is_file():
-            settings.log(f"[{index}/{len(grid)}] {method}/{setup}: done earlier, skipped")
+            runs.extend(cell / folder for folder in _read_runs(cell))
         else:
-            settings.log(f"[{index}/{len(grid)}] {method}/{setup}: running")
-            run_cell(settings, method, setup, cases, split)
-        runs.extend(cell / folder for folder in _read_runs(cell))
-    return runs
+            missing.append(cell_id(entry))
+    return runs, missing
+
+
+def run_study(settings: StudySettings, only: str | None = None) -> list[Path]:
+    """Run (or resume) the whole grid, or only the cell with ID ``only``; returns the finished cells' map folders."""
+    cases, split, grid = prepare_study(settings)
+    if only is not None:
+        run_one_cell(settings, find_cell(settings, only), cases, split)
+        return finished_runs(settings, [find_cell(settings, only)])[0]
+    for index, entry in enumerate(grid, start=1):
+        run_one_cell(settings, entry, cases, split, tag=f"[{index}/{len(grid)}] ")
+    return finished_runs(settings, grid)[0]
 
 
 def _read_runs(cell: Path) -> list[str]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ..atomic import write_json
-from ..errors import Cancelled, ClipAdError, OutputError
+from ..errors import Cancelled, ClipAdError, InputError, OutputError
 from ..io import case_id_of, find_cases, load_case
 
 
@@ -30,7 +31,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="square input size (default 240, the study's; 224 for anomalydino/musc in cross-subject mode)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.set_defaults(func=run)
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only shard K of N (every N-th case of the sorted cohort) into the shared --out; then --merge")
+    p.add_argument("--merge", action="store_true",
+                   help="after --shard runs: write infer.json and metrics for the cases the shards wrote, name the missing ones")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="slurm: --shards N shards as one Slurm job array (submitit), then --merge after them")
+    p.add_argument("--shards", type=int, default=None, metavar="N", help="with --executor slurm: how many shards (array tasks)")
+    p.add_argument("--detach", action="store_true", help="with --executor slurm: return after submitting")
+    from ..cluster import add_slurm_arguments
+
+    add_slurm_arguments(p)
+    p.set_defaults(func=run, infer_parser=p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,14 +58,23 @@ def run(args: argparse.Namespace) -> int:
     from ..methods import resolve_device
     from ..outputs import CohortLog, check_output_folder, gather_cohort_logs, rank_output_lock
 
+    from ..cohort import finish_shard, parse_shard, shard_cases, start_shard
+
+    if args.merge:
+        return _merge(args)
+    if args.executor == "slurm":
+        return _submit(args)
     options = options_from_args(args)
     check_output_folder(args.out)
     device = resolve_device(args.device)
     all_cases = find_cases(args.path)
-    # Under torchrun the ranks share the cohort round-robin, each on its own GPU; gloo carries only the barrier.
+    shard = parse_shard(args.shard) if args.shard else None
+    # Under torchrun the ranks share the cohort (or the shard) round-robin, each on its own GPU; gloo carries only the barrier.
     ranks = init_distributed(torch.device("cpu"))
-    cases = all_cases[ranks.rank :: ranks.world]
-    with rank_output_lock(args.out, "infer", ranks):
+    cases = (shard_cases(all_cases, shard) if shard else all_cases)[ranks.rank :: ranks.world]
+    # One writer per output folder; shards of one run share it by design (each records itself, --merge joins them).
+    lock = contextlib.nullcontext() if shard else rank_output_lock(args.out, "infer", ranks)
+    with lock:
         method = build_pipeline_method(args.method, args.backbone, options, weights=args.weights, image_size=args.image_size,
                                        device=rank_device(device, ranks), **({"prompts": args.prompts} if args.prompts else {}))
         description = method.describe()
@@ -61,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: backbone {method.backbone.label}: results come from random weights and mean nothing", file=sys.stderr)
         # --references auto in a cohort: the other cases of the cohort (never the analysed patient).
         pool = ReferencePool(options, method, training_cases=all_cases) if options.few_shot else None
+        summary = {**description, **options.describe(), "weights": getattr(method, "weights_source", None),
+                   "world_size": ranks.world}
+        if shard and ranks.main:
+            start_shard(args.out, shard, shard_cases(all_cases, shard), summary)
         log, written = CohortLog(), []
         for path in tqdm(cases, desc="cases", unit="case", file=sys.stderr, disable=True if len(cases) < 2 else None):
             try:
@@ -76,15 +101,14 @@ def run(args: argparse.Namespace) -> int:
             log.success(case_id_of(path), files)
             written.extend(files)
         log = gather_cohort_logs(log, args.out, ranks)
-        if ranks.main:  # one summary for the whole cohort, written once every rank has finished
-            write_json(args.out / "infer.json", {**description, **options.describe(),
-                                                 "weights": getattr(method, "weights_source", None),
-                                                 "world_size": ranks.world, "cases": [case_id_of(p) for p in all_cases],
-                                                 **log.summary()})
+        if ranks.main and shard:  # a shard records itself; 'infer --merge' writes infer.json for the union
+            finish_shard(args.out, shard, shard_cases(all_cases, shard), {**summary, **log.summary()})
+        elif ranks.main:  # one summary for the whole cohort, written once every rank has finished
+            write_json(args.out / "infer.json", {**summary, "cases": [case_id_of(p) for p in all_cases], **log.summary()})
     for path in written:
         print(path)
     if ranks.main:
-        log.report(args.out / "infer.json")
+        log.report(args.out / ("infer.json" if not shard else "shards"))
     return log.exit_code
 
 
@@ -121,3 +145,41 @@ def _infer_case(path: Path, method, options, out: Path, pool=None) -> list[Path]
         if isinstance(exc, ClipAdError) and not isinstance(exc, OutputError):
             raise OutputError(str(exc)) from None  # a write failure (full or read-only disk) stops the whole run
         raise
+
+
+def _submit(args: argparse.Namespace) -> int:
+    """``--executor slurm``: the shards as one array and the merge after it (see napari_clip_ad.cluster.submit)."""
+    from ..cluster import slurm_options_from_args
+    from ..cluster.sbatch import rebuild_command
+    from ..cluster.submit import submit_shards
+
+    if not args.shards or args.shards < 1 or args.shard:
+        raise InputError("--executor slurm needs --shards N (N >= 1, one array task each) and no --shard")
+    line = [str(args.path.resolve()), *rebuild_command(args, args.infer_parser, drop=("executor", "shards", "detach", "shard", "merge"))]
+    return submit_shards(args.out, args.shards, line, slurm_options_from_args(args), attach=not args.detach,
+                         log=lambda text: print(text, file=sys.stderr))
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """``infer --merge``: infer.json for the shards' union, ``evaluate`` metrics, the missing cases named."""
+    from ..cli import main
+    from ..cohort import merge_shards
+    from ..io import find_cases
+
+    if args.shard:
+        raise InputError("--merge joins the shards' outputs: give it without --shard (same PATH and --out)")
+    result = merge_shards(find_cases(args.path), args.out)
+    print(args.out / "infer.json")
+    for line in result.problems:
+        print(f"missing: {line}", file=sys.stderr)
+    if result.problems:
+        print(f"error: {len(result.problems)} of {len(result.done) + len(result.problems)} cases missing; "
+              "rerun their shards, then --merge again", file=sys.stderr)
+        return 1
+    if any((args.out / f"{case_id}_metrics.json").is_file() for case_id in result.done):  # ground truth present
+        status = main(["evaluate", "--maps", str(args.out), "--data", str(args.path), "--out", str(args.out / "evaluate"),
+                       "--threshold", str(result.summary.get("threshold", 0.5))])
+        if status:
+            return status
+        print(args.out / "evaluate" / "summary.json")
+    return 0
