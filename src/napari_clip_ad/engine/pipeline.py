@@ -117,13 +117,14 @@ def build_pipeline_method(name: str, backbone: str | None, options: CaseOptions,
     from ..methods import build_method
 
     if name.lower() in CROSS_SUBJECT_METHODS and options.few_shot and "layers" not in kwargs:
-        probe = build_method(name, backbone, image_size=image_size or 224, **{k: v for k, v in kwargs.items() if k == "device"})
+        probe = build_method(name, backbone, image_size=224 if image_size is None else image_size, **{k: v for k, v in kwargs.items() if k == "device"})
         blocks = getattr(probe.clip, "blocks", None)
         n_blocks = len(blocks) if blocks is not None else len(probe.clip.visual.transformer.resblocks)
         defaults = method_defaults(name.lower(), n_blocks)
         size = defaults.pop("image_size", None)
-        return build_method(name, probe.backbone, image_size=image_size or size or 224, **{**defaults, **kwargs})
-    return build_method(name, backbone, image_size=image_size or 240, **kwargs)
+        return build_method(name, probe.backbone, image_size=size or 224 if image_size is None else image_size,
+                            **{**defaults, **kwargs})
+    return build_method(name, backbone, image_size=240 if image_size is None else image_size, **kwargs)
 
 
 def feature_cache_dir() -> Path | None:

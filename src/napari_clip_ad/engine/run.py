@@ -47,7 +47,8 @@ def _volume_and_brain(source: Case | np.ndarray, modalities: list[str], brain_ma
     else:
         array, where = np.asarray(source), "volume"
         if array.ndim != 3 or array.size == 0:
-            raise InputError(f"volume must be a non-empty 3D [z, y, x] array, got shape {array.shape}")
+            raise InputError(f"volume must be a non-empty 3D [z, y, x] array, got shape {array.shape}"
+                             + (" (no voxels)" if array.size == 0 else ""))
         # Finite after the cast the engine uses (float64 1e300 is inf in float32).
         channels = [intensity_float32(array, "volume")] * (1 if len(modalities) == 1 else 3)
         brain = array != 0 if brain_mask is None else brain_mask
@@ -90,7 +91,7 @@ def _predict_batch(
         # Official order of e.g. AnomalyDINO (dists2map): resize to the original image, then smooth.
         if tuple(maps.shape[-2:]) != out_hw:
             maps = F.interpolate(maps[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
-        return smooth_maps(maps, sigma).clamp_(0.0, 1.0), output.scores.float()
+        return smooth_maps(maps, sigma).clamp_(0.0, 1.0), output.scores.float(), peaks
     maps = smooth_maps(maps, sigma)
     if tuple(maps.shape[-2:]) != out_hw:
         maps = F.interpolate(maps[:, None], size=out_hw, mode="bilinear", align_corners=False)[:, 0]
@@ -185,8 +186,8 @@ def run_volume(
     if not isinstance(method, AnomalyMethod):
         raise InputError(f"method: give a built method (napari_clip_ad.methods.build_method({method!r}, ...)), "
                          f"not a {type(method).__name__}")
-    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)):
-        raise InputError(f"batch_size: give a whole number >= 1, got {batch_size!r}")
+    if batch_size is not None and batch_size != "auto" and (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)):
+        raise InputError(f"batch size (batch_size): give a whole number >= 1 or 'auto', got {batch_size!r}")
     if sigma is not None and not (isinstance(sigma, (int, float, np.number)) and np.isfinite(sigma) and sigma >= 0):
         raise InputError(f"sigma: give a finite number >= 0 (0 = no smoothing), got {sigma!r}")
     modalities = parse_modality(modality)

@@ -22,7 +22,7 @@ def check_intensity_dtype(dtype: np.dtype, where: str | Path) -> None:
         hint = "a boolean array is a mask, not an image; give the image intensities (a mask goes to brain_mask)"
     else:
         hint = "give integer or floating-point intensities"
-    raise InputError(f"{where}: voxel type {dtype} cannot be used as image intensities; {hint}")
+    raise InputError(f"{where}: voxel type {dtype} (dtype {dtype}) cannot be used as image intensities; {hint}")
 
 
 def intensity_float32(data: np.ndarray, where: str | Path, out: np.ndarray | None = None) -> np.ndarray:
