@@ -144,7 +144,8 @@ def merge_shards(cases: Sequence[Path], out: Path) -> MergeResult:
                "finished": "its shard finished without it (the case failed)"}[state]
         problems.append(f"{case_id} (shard {label}): missing, {why}; rerun 'infer --shard {label}'")
     # The same infer.json an unsharded run writes (its 'cases' the union written), so report/evaluate read it alike.
-    record = {**summary, "cases": done}
+    record = {**summary, "cases": done, "succeeded": sorted(done),
+              "failed": {p.split(" ", 1)[0]: p.split(": ", 1)[-1] for p in problems}}
     if problems:
         record["missing_cases"] = [p.split(" ", 1)[0] for p in problems]
     write_json(out / "infer.json", record)

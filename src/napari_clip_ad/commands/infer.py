@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             written.extend(files)
         log = gather_cohort_logs(log, args.out, ranks)
         if ranks.main and shard:  # a shard records itself; 'infer --merge' writes infer.json for the union
-            finish_shard(args.out, shard, shard_cases(all_cases, shard), {**summary, **log.summary()})
+            finish_shard(args.out, shard, shard_cases(all_cases, shard), summary)  # failed cases: missing at --merge
         elif ranks.main:  # one summary for the whole cohort, written once every rank has finished
             write_json(args.out / "infer.json", {**summary, "cases": [case_id_of(p) for p in all_cases], **log.summary()})
     for path in written:
