@@ -68,7 +68,9 @@ def test_overlay_scores_region_and_plot(make_napari_viewer, small_cohort, qtbot)
         accumulator.update(map_layer.data, gt, mask=region)
         assert widget.scores.auroc == accumulator.auroc() and widget.scores.f1max == accumulator.f1max()
         assert f"AUROC {accumulator.auroc():.4f}" in widget.map_scores.value and "F1-max" in widget.map_scores.value
-        assert "AP" in widget.map_scores.value
+        assert widget.scores.ap == accumulator.average_precision() and widget.scores.aupro == accumulator.aupro()
+        for label in ("AP", "AUPRO", "slices (map max): AUROC"):
+            assert label in widget.map_scores.value, label
     colors = overlay.colormap.color_dict
     assert tuple(np.round(colors[TP][:3], 1)) == (0.0, 0.8, 0.0) and colors[FP][0] > 0.8 and colors[FN][2] > 0.8
 

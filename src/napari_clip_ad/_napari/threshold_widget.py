@@ -400,7 +400,7 @@ class ThresholdWidget(Container):
         self._plot_soon()
 
     def _update_scores(self, gt: np.ndarray, region: np.ndarray | None) -> None:
-        """AUROC, AP, F1-max of the map: computed once per (map, ground truth, region)."""
+        """AUROC, AP, AUPRO, F1-max and slice detection of the map: computed once per (map, ground truth, region)."""
         map_layer = self.anomaly_map.value
         key = (id(map_layer), id(map_layer.data), id(self.ground_truth.value), region is not None)
         if key != self._scores_key:
@@ -412,10 +412,14 @@ class ThresholdWidget(Container):
                 return
             self._scores_key = key
         s = self.scores
-        ap = "n/a (needs the AP metric)" if s.ap is None else f"{s.ap:.4f}"
+
+        def fmt(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.4f}"
+
         where = " in brain" if region is not None else ""
-        self.map_scores.value = (f"map{where}: AUROC {s.auroc:.4f}, AP {ap}, F1-max {s.f1max:.4f} "
-                                 f"at threshold {s.f1max_threshold:.3f}")
+        self.map_scores.value = (f"map{where}: AUROC {s.auroc:.4f}, AP {fmt(s.ap)}, AUPRO {fmt(s.aupro)}, "
+                                 f"F1-max {s.f1max:.4f} at threshold {s.f1max_threshold:.3f}; "
+                                 f"slices (map max): AUROC {fmt(s.slice_auroc)}, AP {fmt(s.slice_ap)}")
 
     def update_slice_numbers(self, *_: Any) -> None:
         """Refresh the 2D Dice of the slice on screen and the plot's marker (after the viewer moved)."""

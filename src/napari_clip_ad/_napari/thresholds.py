@@ -149,14 +149,24 @@ class MapScores:
     f1max: float
     f1max_threshold: float
     ap: float | None = None
+    aupro: float | None = None
+    slice_auroc: float | None = None
+    slice_ap: float | None = None
 
 
 def map_scores(anomaly_map: np.ndarray, ground_truth: np.ndarray, region: np.ndarray | None = None) -> MapScores:
-    """AUROC, F1-max (+ threshold) and, where the metrics package has it, AP, from the streaming accumulator."""
-    accumulator = PixelAccumulator()
-    accumulator.update(anomaly_map, ground_truth, mask=region, source="anomaly map layer")
-    return MapScores(accumulator.auroc(), accumulator.f1max(), accumulator.f1max_threshold(),
-                     average_precision_of(accumulator))
+    """AUROC, pixel AP, AUPRO (3D regions), F1-max (+ threshold) and slice detection (map maximum per axial
+    slice): :func:`napari_clip_ad.metrics.summary.map_metrics`, the definitions ``evaluate`` uses."""
+    from ..metrics.summary import map_metrics
+
+    m = map_metrics(anomaly_map, ground_truth, brain=region, region="all" if region is None else "brain")
+
+    def value(key: str) -> float | None:
+        v = m.get(key)
+        return None if v is None or not np.isfinite(v) else float(v)
+
+    return MapScores(m["auroc"], m["f1max"], m["f1max_threshold"], value("pixel_ap"), value("aupro"),
+                     value("slice_auroc"), value("slice_ap"))
 
 
 def average_precision_of(accumulator: PixelAccumulator) -> float | None:
