@@ -14,7 +14,7 @@ from ..errors import InputError
 from .base import AnomalyMethod
 
 METHODS: dict[str, type[AnomalyMethod]] = {}
-_BUILTIN_MODULES = ("vand", "anomalyclip", "anovl", "adaclip", "winclip", "intensity", "mvfa", "anomalydino", "musc")
+_BUILTIN_MODULES = ("vand", "anomalyclip", "anovl", "adaclip", "winclip", "intensity", "mvfa", "anomalydino", "musc", "aaclip")
 
 
 def register_method(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:

@@ -33,6 +33,13 @@ STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
     # train_few.py uses lr 1e-3 on its 88 augmented shots). Released weights: the zero-shot Brain checkpoint.
     "mvfa": {"epochs": 50, "batch_size": 1, "lr": 1e-4, "betas": [0.5, 0.999], "layers": None,
              "released": "mvfa-zero-brain"},
+    # AA-CLIP (not in the study): train.py defaults. Stage 1 (text adapter) 5 epochs, batch 16, Adam lr 1e-5; stage 2
+    # (image adapter) 20 epochs, batch 2, Adam lr 5e-4 with MultiStepLR([16000, 32000], 0.5) stepped per batch; betas
+    # 0.5 0.999 for both; orthogonality weight 0.1. `epochs` counts both stages; batch_size / lr are stage 2's.
+    # The authors released no weights.
+    "aaclip": {"epochs": 25, "batch_size": 2, "lr": 5e-4, "betas": [0.5, 0.999], "layers": None, "released": None,
+               "stages": {"text_epochs": 5, "text_batch_size": 16, "text_lr": 1e-5, "milestones": [16000, 32000],
+                          "gamma": 0.5, "text_norm_weight": 0.1}},
     "anovl": {"epochs": 0, "batch_size": 8, "lr": 0.0, "betas": [0.5, 0.999], "layers": None, "released": None},
 }
 
@@ -61,6 +68,9 @@ class TrainConfig:
         max_slices_per_case: Keep at most this many brain slices per case (evenly spaced); None: all.
         threshold: Map threshold for val_dice. device: 'auto', 'cpu', 'cuda'...
         stop_after_epoch: Stop (as if killed) after this epoch; for resume tests.
+        stages: Two-stage training (AA-CLIP): ``text_epochs`` (the first epochs train the text adapter with
+            ``text_batch_size`` and ``text_lr``), ``milestones`` / ``gamma`` (per-batch MultiStepLR of the
+            second stage), ``text_norm_weight``; None for one-stage methods.
     """
 
     method: str = "vand"
@@ -88,6 +98,7 @@ class TrainConfig:
     threshold: float = 0.5
     device: str = "auto"
     stop_after_epoch: int | None = None
+    stages: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -111,6 +122,8 @@ def default_config(method: str, setup: str) -> TrainConfig:
     for key in ("epochs", "batch_size", "lr", "betas", "layers", "optimizer"):
         if key in study:
             setattr(config, key, study[key])
+    if "stages" in study:
+        config.stages = dict(study["stages"])
     config.options = dict(study.get("options", {}))
     if setup in ("industrial", "finetune"):
         config.weights = study.get("released")
@@ -203,7 +216,19 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "threshold": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "device": (lambda v: isinstance(v, str) and v != "", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
     "stop_after_epoch": (lambda v: v is None or (_is_int(v) and v >= 1), f"null or {_WHOLE} >= 1"),
+    "stages": (lambda v: v is None or _stages_ok(v),
+               "null or an object with text_epochs (>= 0), text_batch_size (>= 1), text_lr (> 0), milestones (list of "
+               "steps), gamma (> 0), text_norm_weight (>= 0)"),
 }
+
+
+def _stages_ok(value: Any) -> bool:
+    keys = {"text_epochs", "text_batch_size", "text_lr", "milestones", "gamma", "text_norm_weight"}
+    return (isinstance(value, dict) and set(value) == keys and _is_int(value["text_epochs"]) and value["text_epochs"] >= 0
+            and _is_int(value["text_batch_size"]) and value["text_batch_size"] >= 1
+            and _is_number(value["text_lr"]) and value["text_lr"] > 0 and _is_number(value["gamma"]) and value["gamma"] > 0
+            and _is_number(value["text_norm_weight"]) and value["text_norm_weight"] >= 0
+            and isinstance(value["milestones"], list) and all(_is_int(m) and m >= 0 for m in value["milestones"]))
 
 
 def check_config_values(config: TrainConfig, origin: dict[str, str] | None = None) -> None:

@@ -27,7 +27,7 @@ from ..methods.checkpoints import load_method_weights, save_method_weights
 from .cache import FeatureCache, default_memory_budget, supports_cache
 from .config import TrainConfig
 from .data import Augmentation, SliceSet, augmented_batch
-from .losses import method_loss
+from .losses import aaclip_loss, method_loss
 from .state import consistent_save, keep_previous, load_train_state, save_train_state
 
 ENCODE_CHUNK = 8
@@ -38,6 +38,28 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     return contextlib.nullcontext()
+
+
+def staged_parameters(method: AnomalyMethod, config: TrainConfig) -> list[list[torch.nn.Parameter]] | None:
+    """Parameters of each training stage of a two-stage method (AA-CLIP: text, then image), else None."""
+    stage_parts = getattr(method, "stage_parts", None)
+    if not callable(stage_parts):
+        return None
+    if config.stages is None:
+        raise InputError(f"method {config.method!r} trains in two stages; the config needs 'stages' (see its study defaults)")
+    return [[p for module in modules for p in module.parameters()] for modules in stage_parts().values()]
+
+
+def staged_details(method: AnomalyMethod, images: torch.Tensor, stage: int) -> Any:
+    """Stage 0: AA-CLIP's text-stage predictions; stage 1: its image-stage predictions (both differentiable)."""
+    from types import SimpleNamespace
+
+    from ..methods.aaclip_stages import image_stage_probs, text_stage_details
+
+    if stage == 0:
+        return text_stage_details(method, images)
+    probs, det_logits, output = image_stage_probs(method, images)
+    return SimpleNamespace(layer_probs=probs, det_logits=det_logits, output=output)
 
 
 def build_trainable(config: TrainConfig, device: torch.device) -> AnomalyMethod:
@@ -75,7 +97,14 @@ class Trainer:
         self.device = self.method.device
         self.params = [p for part in self.method.trainable_parts().values() for p in part.parameters()]
         optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[self.config.optimizer]
-        self.optimizer = optimizer(self.params, lr=self.config.lr, betas=tuple(self.config.betas))
+        self.stage_params = staged_parameters(self.method, self.config)
+        if self.stage_params is None:
+            self.optimizer = optimizer(self.params, lr=self.config.lr, betas=tuple(self.config.betas))
+        else:  # one param group per stage (state per parameter, as the official separate optimizers); a stage's
+            # parameters get no gradient in the other stage, so Adam leaves them and their step counts alone
+            groups = [{"params": self.stage_params[0], "lr": self.config.stages["text_lr"]},
+                      {"params": self.stage_params[1], "lr": self.config.lr}]
+            self.optimizer = optimizer(groups, lr=self.config.lr, betas=tuple(self.config.betas))
         self.views = self.config.views if self.config.augment else 1
         self.cached = self.config.cache and supports_cache(self.method)
         budget = (default_memory_budget(self.dist.world) if self.config.cache_memory_gb is None
@@ -132,28 +161,56 @@ class Trainer:
             return self.method(images), masks
 
     # --- epochs ------------------------------------------------------------------------------
+    def _stage(self, epoch: int) -> int | None:
+        """0 (text) or 1 (image) for two-stage methods, None otherwise."""
+        if self.stage_params is None:
+            return None
+        return 0 if epoch <= self.config.stages["text_epochs"] else 1
+
+    def _stage_step(self, details_fn: Any, keys: list[tuple[int, int]], stage: int) -> tuple[Any, torch.Tensor]:
+        images, masks = self._inputs(self.train, keys)
+        return details_fn(self.method, images, stage), masks
+
     def train_epoch(self, epoch: int) -> float:
         """One seeded pass over the training slices; returns the mean batch loss."""
-        n, batch = len(self.train), self.config.batch_size
+        stage = self._stage(epoch)
+        n = len(self.train)
+        batch = self.config.batch_size if stage != 0 else self.config.stages["text_batch_size"]
         rng = np.random.default_rng([self.config.seed, epoch])
         order, views = rng.permutation(n), rng.integers(0, self.views, size=n)
         batches = [order[s : s + batch] for s in range(0, n, batch)]
+        params = self.params if stage is None else self.stage_params[stage]
+        if stage == 1:  # stage 2 starts from the anchors of the trained text adapter (computed once, no grad)
+            self.method.on_weights_loaded()
+            for p in self.stage_params[0]:  # a zero (not None) gradient would let Adam keep moving the text adapter
+                p.grad = None
         total, done = 0.0, 0
         bar = _bar(len(batches), f"epoch {epoch}", self.progress and self.dist.main)
-        for members in batches:
+        for number, members in enumerate(batches):
             local = [(int(i), int(views[i])) for i in members if i % self.dist.world == self.dist.rank]
             self.optimizer.zero_grad(set_to_none=False)
             loss_value = torch.zeros((), device=self.device)
+            if stage == 1:  # train.py: MultiStepLR(milestones, gamma) stepped after every stage-2 batch
+                done_steps = (epoch - self.config.stages["text_epochs"] - 1) * len(batches) + number
+                decays = sum(done_steps >= m for m in self.config.stages["milestones"])
+                self.optimizer.param_groups[1]["lr"] = self.config.lr * self.config.stages["gamma"] ** decays
             if local:
-                details, masks = self._forward(self.train, self.train_cache, local)
-                loss = method_loss(details, masks, self.config.method) * (len(local) / len(members))
+                if stage is None:
+                    details, masks = self._forward(self.train, self.train_cache, local)
+                    loss = method_loss(details, masks, self.config.method)
+                else:
+                    details, masks = self._stage_step(staged_details, local, stage)
+                    loss = aaclip_loss(details, masks, self.config.stages["text_norm_weight"])
+                loss = loss * (len(local) / len(members))
                 loss.backward()
                 loss_value = loss.detach().float()
-            for p in self.params:
+            for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 self.dist.sum_(p.grad)
             self.optimizer.step()
+            if stage == 0:  # the anchors moved: validation and stage 2 recompute them
+                self.method.on_weights_loaded()
             self.step += 1
             total += float(self.dist.sum_(loss_value.clone()))
             done += 1

@@ -77,6 +77,21 @@ def mvfa_loss(details: Any, masks: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def aaclip_loss(details: Any, masks: torch.Tensor, text_norm_weight: float = 0.1) -> torch.Tensor:
+    """AA-CLIP's train.py losses (``calculate_seg_loss``: focal + dice(normal, 1 - mask) + dice(abnormal, mask)).
+
+    Stage 1 (``details.text`` has grad, one level: the official loop keeps only the last level's loss) adds
+    ``text_norm_weight * (mean over the batch of <t_normal, t_abnormal>)^2``; stage 2 (``det_logits``) sums
+    the seg loss over levels and adds ``cross_entropy(det @ T, label)`` (unscaled logits, as train.py).
+    """
+    loss = map_losses(details.layer_probs, masks)
+    if getattr(details, "det_logits", None) is not None:
+        labels = masks.flatten(1).amax(dim=1).long()
+        return F.cross_entropy(details.det_logits.float(), labels) + loss
+    text = details.text.float()
+    return loss + text_norm_weight * (text[0] * text[1]).sum() ** 2
+
+
 def method_loss(details: Any, masks: torch.Tensor, method: str) -> torch.Tensor:
     """Training loss of one batch from a method's head output.
 
@@ -90,6 +105,8 @@ def method_loss(details: Any, masks: torch.Tensor, method: str) -> torch.Tensor:
     """
     if method == "mvfa":
         return mvfa_loss(details, masks)
+    if method == "aaclip":
+        return aaclip_loss(details, masks)
     layer_probs = getattr(details, "layer_probs", None)
     if layer_probs is None:
         abnormal = details.unit_maps()
