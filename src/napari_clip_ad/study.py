@@ -21,6 +21,7 @@ from .errors import InputError, WeightsError
 from .io import case_id_of, find_cases, load_case, load_split, save_split, split_cases
 
 STUDY_METHODS = ("vand", "anomalyclip", "anovl", "adaclip")
+"""The published study's methods (the default grid); ``--methods`` adds others, e.g. ``mvfa`` and ``aaclip``."""
 BASELINE_METHOD, BASELINE_SETUP = "intensity", "baseline"
 """The model-free reference every method is read against (robust z-score inside the brain)."""
 TRAINFREE_SETUP = "trainfree"
@@ -71,9 +72,14 @@ def cells(settings: StudySettings) -> list[tuple[str, str]]:
             raise InputError(f"unknown setup {setup!r}; use some of {', '.join((*SETUPS, TRAINFREE_SETUP))}")
     from .methods import method_class
 
+    from .train.config import STUDY_DEFAULTS
+
     def runs_in(method: str, setup: str) -> bool:
         if method in CROSS_SUBJECT:
             return setup == TRAINFREE_SETUP
+        if setup in ("industrial", "finetune") and method in STUDY_DEFAULTS and method not in TRAINING_FREE \
+                and STUDY_DEFAULTS[method].get("released") is None and STUDY_DEFAULTS[method].get("lr"):
+            return False  # trainable, but no released weights (AA-CLIP): nothing to evaluate or fine-tune
         return setup != TRAINFREE_SETUP and (setup == "industrial" or method not in TRAINING_FREE)
 
     grid = [(m, s if k == 0 or s == TRAINFREE_SETUP else f"{s}+{k}shot") for m in settings.methods if m != BASELINE_METHOD

@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("study", help="split, train, infer and report the methods x setups grid on a cohort")
     p.add_argument("--data", type=Path, default=None, help="BraTS-layout cohort folder (cases with segmentations); required")
     p.add_argument("--out", type=Path, default=None, help="study folder (split, cells/, report/); rerun to resume; required")
-    p.add_argument("--methods", nargs="+", default=list(STUDY_METHODS), help="methods (default: the study's four)")
+    p.add_argument("--methods", nargs="+", default=list(STUDY_METHODS), help="methods, space- or comma-separated (default: the study's four; others: mvfa, aaclip, ...)")
     p.add_argument("--setups", nargs="+", default=["industrial", "finetune", "brats", "pmc"],
                    help="industrial, finetune, brats, pmc; trainfree = anomalydino/musc against the training split's subjects")
     p.add_argument("--backbone", default=None, help="override every cell's backbone (e.g. tiny-test for a smoke run)")
@@ -70,7 +70,7 @@ def settings_from_args(args: argparse.Namespace):
     post = PostOptions(views=PostOptions.parse_views(args.views), fuse=args.fuse, restrict_to_brain=args.restrict_to_brain,
                        smooth3d_mm=args.smooth3d, min_component=args.min_component)
     settings = StudySettings(
-        data=args.data, out=args.out, methods=[m.lower() for m in args.methods], setups=args.setups,
+        data=args.data, out=args.out, methods=[m.lower() for given in args.methods for m in given.split(",") if m], setups=args.setups,
         backbone=args.backbone, epochs=args.epochs, device=args.device, seed=args.seed,
         max_slices_per_case=args.max_slices_per_case, batch_size=args.batch_size,
         threshold=rule if isinstance(rule, float) else 0.5, modality=args.modality, post=post,

@@ -44,7 +44,23 @@ def read_weights_file(weights: str | Path) -> WeightsFile:
     if path.suffix == ".safetensors":
         state, meta = read_our_weights(path)
         return WeightsFile(path, True, state=state, meta=meta)
-    return WeightsFile(path, False, obj=read_released(path))
+    return WeightsFile(path, False, obj=with_companions(path, read_released(path)))
+
+
+def with_companions(path: Path, obj: Any) -> Any:
+    """Add the checkpoint files the official test script reads beside the one given.
+
+    AA-CLIP's train.py writes ``image_adapter[_N].pth`` and ``text_adapter.pth`` into one folder and
+    test.py reads both: given an image-adapter file, the folder's ``text_adapter.pth`` (read the same
+    safe way) is merged in as ``obj["text_adapter"]``.
+    """
+    if isinstance(obj, dict) and "image_adapter" in obj and "text_adapter" not in obj:
+        companion = path.parent / "text_adapter.pth"
+        if companion.is_file():
+            text = read_released(companion)
+            if isinstance(text, dict) and "text_adapter" in text:
+                obj = {**obj, "text_adapter": text["text_adapter"]}
+    return obj
 
 
 def official_layers(n_heads: int, n_blocks: int) -> list[int]:
