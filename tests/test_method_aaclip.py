@@ -210,7 +210,7 @@ def test_official_schedule_and_losses() -> None:
 
 
 def test_two_stages_resume_and_infer(cohort: Path, tmp_path: Path) -> None:
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    reference = tmp_path / "reference"
     untrained = build_method("aaclip", "tiny-test", image_size=SIZE, device="cpu", init_seed=3).trainable_state_dict()
     records = run_training(tiny_config(stop_after_epoch=1), cohort, reference, progress=False)
     after_text = load_file(str(reference / "checkpoints" / "last.safetensors"))
