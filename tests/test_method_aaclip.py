@@ -233,3 +233,16 @@ def test_two_stages_resume_and_infer(cohort: Path, tmp_path: Path) -> None:
                        "--image-size", str(SIZE), "--device", "cpu", "--modality", "t2f", "--out", str(tmp_path / "out")])
     assert status == 0 and (tmp_path / "out" / f"{case.name}_anomaly.nii.gz").is_file()
     assert json.loads((tmp_path / "out" / "infer.json").read_text())["weights"] == str(last)
+
+
+def test_study_grid_skips_the_cells_aaclip_cannot_have(tmp_path: Path) -> None:
+    """--methods mvfa,aaclip --k-shot 0,4: mvfa gets 4-shot cells, aaclip (no few-shot mode, no released weights) none."""
+    from napari_clip_ad.study import StudySettings, cells, grid_notes
+
+    settings = StudySettings(data=tmp_path, out=tmp_path / "out", methods=["mvfa", "aaclip"], k_shots=(0, 4), baseline=False)
+    grid = cells(settings)
+    assert [e for e in grid if e[0] == "aaclip"] == [("aaclip", "brats"), ("aaclip", "pmc")]
+    assert ("mvfa", "industrial+4shot") in grid and ("mvfa", "brats+4shot") in grid
+    notes = grid_notes(settings)
+    assert notes == ["aaclip has no few-shot mode in its official code: no +4shot cells",
+                     "aaclip: the authors released no weights: no industrial/finetune cells (train it: brats, pmc)"]

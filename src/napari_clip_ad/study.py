@@ -72,13 +72,10 @@ def cells(settings: StudySettings) -> list[tuple[str, str]]:
             raise InputError(f"unknown setup {setup!r}; use some of {', '.join((*SETUPS, TRAINFREE_SETUP))}")
     from .methods import method_class
 
-    from .train.config import STUDY_DEFAULTS
-
     def runs_in(method: str, setup: str) -> bool:
         if method in CROSS_SUBJECT:
             return setup == TRAINFREE_SETUP
-        if setup in ("industrial", "finetune") and method in STUDY_DEFAULTS and method not in TRAINING_FREE \
-                and STUDY_DEFAULTS[method].get("released") is None and STUDY_DEFAULTS[method].get("lr"):
+        if setup in ("industrial", "finetune") and not has_released_weights(method):
             return False  # trainable, but no released weights (AA-CLIP): nothing to evaluate or fine-tune
         return setup != TRAINFREE_SETUP and (setup == "industrial" or method not in TRAINING_FREE)
 
@@ -87,6 +84,31 @@ def cells(settings: StudySettings) -> list[tuple[str, str]]:
             for k in settings.k_shots if k == 0 or (method_class(m).supports_references and s != TRAINFREE_SETUP)]
     grid = list(dict.fromkeys(grid))
     return ([(BASELINE_METHOD, BASELINE_SETUP)] if settings.baseline or BASELINE_METHOD in settings.methods else []) + grid
+
+
+def has_released_weights(method: str) -> bool:
+    """False for a trainable method whose authors released no weights (its industrial/finetune cells are skipped)."""
+    from .train.config import STUDY_DEFAULTS
+
+    study = STUDY_DEFAULTS.get(method)
+    return study is None or method in TRAINING_FREE or study.get("released") is not None or not study.get("lr")
+
+
+def grid_notes(settings: StudySettings) -> list[str]:
+    """Why asked-for cells are not in the grid (no few-shot mode, no released weights), one line each."""
+    from .methods import method_class
+
+    notes = []
+    shots = [k for k in settings.k_shots if k > 0]
+    for method in dict.fromkeys(settings.methods):
+        if method == BASELINE_METHOD or method in CROSS_SUBJECT:
+            continue
+        if shots and not method_class(method).supports_references:
+            notes.append(f"{method} has no few-shot mode in its official code: no +{'/+'.join(map(str, shots))}shot cells")
+        skipped = [s for s in settings.setups if s in ("industrial", "finetune") and not has_released_weights(method)]
+        if skipped:
+            notes.append(f"{method}: the authors released no weights: no {'/'.join(skipped)} cells (train it: brats, pmc)")
+    return notes
 
 
 def cell_id(entry: Sequence[Any]) -> str:
@@ -314,6 +336,8 @@ def prepare_study(settings: StudySettings) -> tuple[list[Path], Any, list[tuple]
     """The cases, the saved split and the grid; writes ``study.json`` (same content from every process)."""
     grid = cells(settings)
     check_settings(settings, grid)
+    for note in grid_notes(settings):
+        settings.log(f"note: {note}")
     settings.out.mkdir(parents=True, exist_ok=True)
     cases, split = study_split(settings)
     write_json(settings.out / "study.json", {"data": str(settings.data), "cells": [cell_id(e) for e in grid],
