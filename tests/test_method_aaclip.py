@@ -195,6 +195,10 @@ def test_official_schedule_and_losses() -> None:
     assert config.stages == {"text_epochs": 5, "text_batch_size": 16, "text_lr": 1e-5, "milestones": [16000, 32000],
                              "gamma": 0.5, "text_norm_weight": 0.1}
     assert resolve_config("aaclip", "pmc").backbone == "pmc-vit-l-14"
+    shipped = Path(__file__).resolve().parents[1] / "training" / "configs"
+    for setup in ("brats", "pmc"):
+        file_config = resolve_config("aaclip", setup, shipped / f"aaclip-{setup}.json")
+        assert (file_config.stages, file_config.epochs, file_config.lr) == (config.stages, 25, 5e-4)
     with pytest.raises(InputError, match="stages"):
         resolve_config("aaclip", "brats", stages={"text_epochs": 1})
     probs = torch.rand(2, 1, 2, 8, 8, generator=torch.Generator().manual_seed(0)).softmax(dim=2)
