@@ -36,6 +36,10 @@ PUBLISHED: tuple[PublishedRow, ...] = (
          "MVFA-AD paper (Huang et al., CVPR 2024), as quoted in the official README's few-shot results table "
          "(MediaBrain-SJTU/MVFA-AD README.md, 'BrainMRI' row, 'Paper' columns)",
          image_auroc=92.44, pixel_auroc=97.30),
+    _row("aaclip", 0, "zero-shot (trained on industrial data; train.py's default dataset is VisA)",
+         "official repository Mwxinnn/AA-CLIP (commit 53db195) results/test.log, 'Brain' block (ViT-L-14-336, "
+         "518 px, checkpoint of epoch 15); the paper (Ma et al., CVPR 2025) quotes pixel AUROC 95.7",
+         image_auroc=79.26, image_ap=94.41, pixel_auroc=95.72, pixel_ap=44.91),
     _row("vand", 4, "4-shot",
          "secondary: third-party summary of DictAS (2025) quoting a 'BraTS' table (shared docs bmad.md, section 3); "
          "not checked against the paper",
