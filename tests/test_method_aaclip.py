@@ -250,3 +250,10 @@ def test_study_grid_skips_the_cells_aaclip_cannot_have(tmp_path: Path) -> None:
     notes = grid_notes(settings)
     assert notes == ["aaclip has no few-shot mode in its official code: no +4shot cells",
                      "aaclip: the authors released no weights: no industrial/finetune cells (train it: brats, pmc)"]
+
+
+def test_train_without_released_weights_refuses_industrial(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    status = cli_main(["train", "--method", "aaclip", "--setup", "industrial", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    error = capsys.readouterr().err.strip()
+    assert status != 0 and "no released weights" in error and "--setup brats or pmc" in error and "\n" not in error
+    assert not (tmp_path / "run").exists()

@@ -56,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
         cache=False if args.no_cache else None, cache_memory_gb=args.cache_memory_gb,
     )
     resolve_device(config.device)
+    from ..train.config import STUDY_DEFAULTS
+
+    study = STUDY_DEFAULTS.get(config.method, {})
+    if config.setup in ("industrial", "finetune") and config.weights is None and study.get("lr") and study.get("released") is None:
+        raise InputError(f"--setup {config.setup}: {config.method} has no released weights (its authors published none); "
+                         "give --weights FILE (e.g. a checkpoint its official train.py wrote), or train it with --setup brats or pmc")
     check_output_folder(args.out)
     if config.setup == "industrial" or config.epochs == 0:
         with output_lock(args.out, "train"):

@@ -105,6 +105,9 @@ class Trainer:
             groups = [{"params": self.stage_params[0], "lr": self.config.stages["text_lr"]},
                       {"params": self.stage_params[1], "lr": self.config.lr}]
             self.optimizer = optimizer(groups, lr=self.config.lr, betas=tuple(self.config.betas))
+            if self.config.epochs <= self.config.stages["text_epochs"] and self.dist.main:
+                print(f"note: {self.config.method}: {self.config.epochs} epoch(s) <= the {self.config.stages['text_epochs']} "
+                      "stage-1 epochs: only the text adapter trains (epochs count both stages)", file=sys.stderr)
         self.views = self.config.views if self.config.augment else 1
         self.cached = self.config.cache and supports_cache(self.method)
         budget = (default_memory_budget(self.dist.world) if self.config.cache_memory_gb is None
