@@ -77,6 +77,9 @@ def test_defaults_follow_the_official_scripts(method: AAClip) -> None:
     assert isinstance(method.text_adapter[-1].fc[1], torch.nn.LeakyReLU)  # text projection always has it
     normal, abnormal = method.anchor_sentences()
     assert normal[:3] == ["scan.", "a photo of scan.", "a scan."] and len(normal) == 6 and len(abnormal) == 10
+    medical = build_method("aaclip", "tiny-test", image_size=SIZE, device="cpu", init_seed=4, prompts="medical")
+    normal_medical, _ = medical.anchor_sentences()
+    assert normal_medical != normal and not torch.allclose(medical.text_features(), method.text_features())
     with pytest.raises(InputError, match="references"):
         method.set_references(torch.zeros(1, 3, SIZE, SIZE))
     method.set_references(None)

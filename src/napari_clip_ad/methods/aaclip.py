@@ -19,7 +19,8 @@ Official reference: Mwxinnn/AA-CLIP (commit 53db195): ``model/adapter.py`` (``Ad
   ``ln_final`` goes through ``text_adapter[-1]`` = LeakyReLU(Linear(text width -> embed)) **instead of**
   ``text_projection`` (the projection is unused). Anchors: ``PROMPTS`` of ``dataset/constants.py``
   (3 normal / 5 abnormal states x 2 templates, object word ``REAL_NAMES['Brain']`` = 'scan'), each
-  sentence normalised, averaged per state, renormalised;
+  sentence normalised, averaged per state, renormalised. Option ``prompts`` (``medical`` or a JSON file,
+  :mod:`.prompt_sets`) swaps the states and templates, same order and averaging;
 - map (``calculate_similarity_map(test=True)``, domain 'Medical' for Brain): per level
   ``p = 100 f @ T``; ``(p_abnormal + 1 - p_normal) / 2`` on the patch grid, Gaussian blur (kornia
   ``gaussian_blur2d``, kernel 9, sigma 1.5, reflect border), bilinear resize (align_corners True);
@@ -53,6 +54,7 @@ from ..backbones import Backbone, embed_patches, grid_for, resize_positional_emb
 from ..errors import InputError, WeightsError
 from .adaclip_prompts import run_block
 from .base import AnomalyMethod, AnomalyOutput
+from .prompt_sets import load_prompt_set, resolve_object_name
 from .registry import register_method
 
 LOGIT_SCALE = 100.0
@@ -171,7 +173,8 @@ class AAClip(AnomalyMethod):
     quick_gelu = False
     low_precision_ready = False
     options = {"layers": None, "object_name": "scan", "image_adapt_until": None, "text_adapt_until": None,
-               "image_adapt_weight": 0.1, "text_adapt_weight": 0.1, "relu": False, "surgery_blocks": None}
+               "image_adapt_weight": 0.1, "text_adapt_weight": 0.1, "relu": False, "surgery_blocks": None,
+               "prompts": "industrial"}
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
         super().__init__(backbone, image_size=image_size, **options)
@@ -182,9 +185,12 @@ class AAClip(AnomalyMethod):
         if not needed:
             raise WeightsError(f"backbone {backbone.name!r} is not an open_clip CLIP ViT with a projected image feature and "
                                "a built-in text transformer; AA-CLIP needs one such as openai-vit-l-14-336")
-        object_name = self.config["object_name"]
+        self.prompt_set = load_prompt_set(self.config["prompts"])
+        self.config["prompts"] = str(self.config["prompts"])
+        object_name = resolve_object_name(self.prompt_set, self.config["object_name"], "object_name" in options)
         if not isinstance(object_name, str) or not object_name.strip():
             raise InputError(f"aaclip option object_name={object_name!r} is invalid; give the object word, e.g. 'scan'")
+        self.object_name = object_name
         resize_positional_embedding(visual, self.image_size, mode="bicubic", antialias=True)
         self.grid = grid_for(visual, self.image_size)
         layers = self.resolve_layers(self.config["layers"])
@@ -272,13 +278,16 @@ class AAClip(AnomalyMethod):
         return self.text_adapter[-1](x[torch.arange(x.shape[0], device=x.device), eot])
 
     def anchor_sentences(self) -> tuple[list[str], list[str]]:
-        """(normal, abnormal) prompt sentences in the official order."""
-        name = self.config["object_name"]
+        """(normal, abnormal) prompt sentences in the official order (states outer); a prompt set swaps the words."""
+        name = self.object_name
+        words = self.prompt_set
+        normal, abnormal, templates = ((NORMAL_STATES, ABNORMAL_STATES, TEMPLATES) if words is None
+                                       else (words.normal_states, words.abnormal_states, words.templates))
 
         def expand(states: tuple[str, ...]) -> list[str]:
-            return [template.format(state.format(name)) for state in states for template in TEMPLATES]
+            return [template.format(state.format(name)) for state in states for template in templates]
 
-        return expand(NORMAL_STATES), expand(ABNORMAL_STATES)
+        return expand(normal), expand(abnormal)
 
     def adapted_anchors(self) -> torch.Tensor:
         """(2, embed) normalised (normal, abnormal) anchors through the text adapters (differentiable)."""
