@@ -83,6 +83,9 @@ def test_defaults_follow_the_official_scripts(method: AAClip) -> None:
     with pytest.raises(InputError, match="references"):
         method.set_references(torch.zeros(1, 3, SIZE, SIZE))
     method.set_references(None)
+    assert method.set_precision("auto") == "fp32"  # adapters mix into the stream between blocks: fp32, like the official run
+    with pytest.raises(InputError, match="fp32 only"):
+        method.set_precision("bf16")
 
 
 def test_blur_is_korninas_reflect_gaussian() -> None:
