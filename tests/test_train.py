@@ -200,7 +200,8 @@ def test_shipped_configs_resolve_and_cli_flags_override() -> None:
     for path in files:
         method, setup = path.stem.split("-", 1)
         config = resolve_config(method, setup, path)
-        assert (config.backbone == "pmc-vit-l-14") == (setup == "pmc") and (config.weights is None) == (setup in ("brats", "pmc") or method == "anovl")
+        assert (config.backbone == "pmc-vit-l-14") == (setup == "pmc") and (config.backbone == "biomedclip") == (setup == "biomedclip")
+        assert (config.weights is None) == (setup in ("brats", "pmc", "biomedclip") or method == "anovl")
     config = resolve_config("vand", "brats", root / "vand-brats.json", epochs=3, lr=0.5, seed=9)
     assert (config.epochs, config.lr, config.seed, config.batch_size) == (3, 0.5, 9, 8)
     with pytest.raises(InputError, match="config is for method"):

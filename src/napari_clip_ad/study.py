@@ -162,9 +162,15 @@ def study_split(settings: StudySettings) -> tuple[list[Path], Any]:
 
 
 def _config(settings: StudySettings, method: str, setup: str):
+    from .backbones import is_random_backbone
     from .train import resolve_config
 
-    config = resolve_config(method, setup, None, backbone=settings.backbone, epochs=settings.epochs,
+    backbone = settings.backbone
+    if setup == "biomedclip" and backbone is not None and is_random_backbone(backbone) and backbone != "tiny-biomedclip":
+        # A smoke run's random backbone (tiny-test) stands for the setup's BiomedCLIP by its tiny random twin
+        # (timm trunk + BERT text tower), so the cell runs the code path the real setup runs.
+        backbone = "tiny-biomedclip"
+    config = resolve_config(method, setup, None, backbone=backbone, epochs=settings.epochs,
                             device=settings.device, seed=settings.seed, modality=settings.modality,
                             max_slices_per_case=settings.max_slices_per_case)
     return config
@@ -194,6 +200,7 @@ def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path]
     """Train (if the setup needs it) and infer one cell; returns what ``done.json`` records."""
     from .methods import build_method, method_class
     from .train import run_training
+    from .train.config import FROM_SCRATCH_SETUPS
 
     cell = settings.out / "cells" / cell_id((method, setup))
     if method == BASELINE_METHOD:
@@ -206,7 +213,7 @@ def run_cell(settings: StudySettings, method: str, setup: str, cases: list[Path]
     if note:
         settings.log(f"note: {note}")
     weights = config.weights
-    trained = setup in ("finetune", "brats", "pmc") and config.epochs > 0
+    trained = setup in ("finetune", *FROM_SCRATCH_SETUPS) and config.epochs > 0
     if trained:
         train_dir = settings.out / "cells" / f"{method}-{setup}" / "train"  # shared by the setup's k-shot cells
         resume = (train_dir / "checkpoints" / "last.safetensors").is_file()

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import WeightsError
-from .loading import _cached_hub_file, _offline_hint, _spec_for
+from .biomedclip import missing_hub_text_repos
+from .loading import _cached_hub_file, _cached_model_cfg, _offline_hint, _spec_for
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ def backbone_availability(name: str) -> Availability:
 
         repo = spec.model[len("hf-hub:"):]
         if isinstance(try_to_load_from_cache(repo, "open_clip_config.json"), str):
+            missing = missing_hub_text_repos(_cached_model_cfg(repo))
+            if missing:
+                return Availability(False, message=f"{name}'s text tower is not downloaded: download {', '.join(missing)} "
+                                    "(config.json, vocab.txt, tokenizer_config.json) into ~/.cache/huggingface/hub")
             return Availability(True, message=f"{name}: in the local Hugging Face cache")
         return Availability(False, message=f"{name} is not downloaded: {_offline_hint(spec.model, '')}")
     if spec.pretrained:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
+from .biomedclip import adapt_custom_text_clip, hub_text_repos, missing_hub_text_repos, require_transformers
 from .registry import BACKBONES, TINY_TEST_CONFIG, BackboneSpec
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -57,8 +58,15 @@ def register_tiny_test() -> None:
 
 
 def set_activation(model: nn.Module, quick_gelu: bool) -> None:
-    """Use QuickGELU or exact GELU in every transformer MLP of both towers (weights unchanged)."""
+    """Use QuickGELU or exact GELU in every transformer MLP of both towers (weights unchanged).
+
+    A model marked ``fixed_activation`` (BiomedCLIP's converted timm trunk, trained with exact GELU)
+    keeps its own: the methods' switches describe what their official code runs OpenAI weights with.
+    """
     from open_clip.transformer import QuickGELU
+
+    if getattr(model, "fixed_activation", False):
+        return
 
     for module in model.modules():
         mlp = getattr(module, "mlp", None)
@@ -214,6 +222,9 @@ def _load_named(name: str) -> Backbone:
     spec = _spec_for(name)
     if spec.random_weights:
         register_tiny_test()
+        from .biomedclip import register_tiny_biomedclip
+
+        register_tiny_biomedclip()
         if spec.model not in open_clip.list_models():
             raise WeightsError(f"unknown open_clip architecture {spec.model!r} in backbone {name!r}; see open_clip.list_models()")
         with torch.random.fork_rng(devices=[]):
@@ -221,10 +232,11 @@ def _load_named(name: str) -> Backbone:
             root = logging.getLogger()
             was_disabled, root.disabled = root.disabled, True  # silence open_clip's "initialized randomly"
             try:
-                model = open_clip.create_model(spec.model, pretrained=None)
+                model = open_clip.create_model(spec.model, pretrained=None, pretrained_text=False)
             finally:
                 root.disabled = was_disabled
-        return Backbone(name, model, open_clip.get_tokenizer(spec.model), spec.model, "random weights", True)
+            converted = adapt_custom_text_clip(model)
+        return Backbone(name, model, open_clip.get_tokenizer(spec.model), spec.model, "random weights", True, info=_info(model, converted))
     if spec.model.startswith("hf-hub:"):
         if not _hub_reachable():
             from huggingface_hub import try_to_load_from_cache
@@ -232,6 +244,10 @@ def _load_named(name: str) -> Backbone:
             repo = spec.model[len("hf-hub:"):]
             if not isinstance(try_to_load_from_cache(repo, "open_clip_config.json"), str):
                 raise WeightsError(f"backbone {name!r} is not in the local cache and the hub is offline: {_offline_hint(spec.model, '')}")
+            missing = missing_hub_text_repos(_cached_model_cfg(repo))
+            if missing:
+                raise WeightsError(f"backbone {name!r} needs its text tower's files, not in the local cache, and the hub is offline: "
+                                   f"download {', '.join(missing)} (config.json, vocab.txt, tokenizer_config.json) into ~/.cache/huggingface/hub")
     elif spec.pretrained:
         if spec.model not in open_clip.list_models():
             raise WeightsError(f"unknown open_clip architecture {spec.model!r} in backbone {name!r}; see open_clip.list_models()")
@@ -240,9 +256,40 @@ def _load_named(name: str) -> Backbone:
             raise WeightsError(f"{spec.model} has no pretrained tag {spec.pretrained!r} (known: {tags})")
         if _cached_hub_file(spec.model, spec.pretrained) is None and not _hub_reachable():
             raise WeightsError(f"backbone {name!r} weights are not in the local cache and the hub is offline: {_offline_hint(spec.model, spec.pretrained)}")
+    if spec.model.startswith("hf-hub:") and hub_text_repos(_cached_model_cfg(spec.model[len("hf-hub:"):])):
+        require_transformers(f"backbone {name!r}")
     try:
         model = open_clip.create_model(spec.model, pretrained=spec.pretrained or None, force_quick_gelu=spec.quick_gelu and not spec.model.startswith("hf-hub:"))
+        tokenizer = open_clip.get_tokenizer(spec.model)
     except Exception as exc:  # network, hub or format problems from open_clip / huggingface_hub
         raise WeightsError(f"backbone {name!r} could not be loaded: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    converted = adapt_custom_text_clip(model)
     arch = spec.model
-    return Backbone(name, model, open_clip.get_tokenizer(spec.model), arch, f"{spec.model}:{spec.pretrained}".rstrip(":"))
+    return Backbone(name, model, tokenizer, arch, f"{spec.model}:{spec.pretrained}".rstrip(":"), info=_info(model, converted))
+
+
+def _info(model: nn.Module, converted: str) -> dict[str, Any]:
+    """Backbone facts for provenance: an HF text tower, a converted timm image tower."""
+    from .hf_text import is_hf_text
+
+    info: dict[str, Any] = {}
+    if is_hf_text(model):
+        info["text"] = "hf"
+    if converted:
+        info["visual"] = converted
+    return info
+
+
+def _cached_model_cfg(repo: str) -> dict:
+    """``model_cfg`` of a hub repository's cached open_clip_config.json ({} when not cached or unreadable)."""
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo, "open_clip_config.json")
+    if not isinstance(path, str):
+        return {}
+    try:
+        return dict(json.loads(Path(path).read_text()).get("model_cfg", {}))
+    except (OSError, ValueError):
+        return {}

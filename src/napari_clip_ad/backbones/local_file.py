@@ -168,6 +168,10 @@ def load_local_checkpoint(path: Path, trusted: bool = False):
         from .loading import dinov2_backbone
 
         return dinov2_backbone(state, str(path), str(path))
+    from .biomedclip import is_biomedclip_state, load_biomedclip_file
+
+    if is_biomedclip_state(state):
+        return load_biomedclip_file(path, state)
     if "visual.proj" not in state or "token_embedding.weight" not in state:
         raise WeightsError(
             f"{path}: not a CLIP ViT checkpoint in OpenAI/open_clip format (no visual.proj or token_embedding.weight); "

@@ -45,11 +45,16 @@ BACKBONES: dict[str, BackboneSpec] = {
         ),
         BackboneSpec(
             "biomedclip", "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
-            description="BiomedCLIP ViT-B/16 + PubMedBERT (timm trunk; needs transformers)",
+            description="BiomedCLIP ViT-B/16 + PubMedBERT (timm trunk tapped as an open_clip ViT; needs transformers)",
         ),
         BackboneSpec(
             "tiny-test", "tiny-test", random_weights=True,
             description="tiny random-weights ViT (width 64, 12 blocks, patch 14) for tests and smoke runs",
+        ),
+        BackboneSpec(
+            "tiny-biomedclip", "tiny-biomedclip", random_weights=True,
+            description="tiny random-weights BiomedCLIP layout (timm ViT width 64, 12 blocks, patch 16 + 12-layer BERT, "
+            "small vocabulary) for tests",
         ),
         *(
             BackboneSpec(

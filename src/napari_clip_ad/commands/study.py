@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="study folder (split, cells/, report/); rerun to resume; required")
     p.add_argument("--methods", nargs="+", default=list(STUDY_METHODS), help="methods, space- or comma-separated (default: the study's four; others: mvfa, aaclip, ...)")
     p.add_argument("--setups", nargs="+", default=["industrial", "finetune", "brats", "pmc"],
-                   help="industrial, finetune, brats, pmc; trainfree = anomalydino/musc against the training split's subjects")
+                   help="industrial, finetune, brats, pmc, biomedclip (BiomedCLIP backbone, from scratch; not in the default grid); trainfree = anomalydino/musc against the training split's subjects")
     p.add_argument("--backbone", default=None, help="override every cell's backbone (e.g. tiny-test for a smoke run)")
     p.add_argument("--epochs", type=int, default=None, help="override the configs' epochs (quick runs)")
     p.add_argument("--device", default=None)

@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", required=True, help="vand, anomalyclip, adaclip (anovl is training-free)")
     p.add_argument("--setup", required=True, choices=SETUPS,
                    help="industrial: released weights, no training; finetune: train from released weights; "
-                        "brats: random-init parts; pmc: PMC-CLIP backbone, random-init parts")
+                        "brats: random-init parts; pmc: PMC-CLIP backbone, random-init parts; "
+                        "biomedclip: BiomedCLIP backbone, random-init parts")
     p.add_argument("--data", type=Path, required=True, help="cohort folder of labelled cases")
     p.add_argument("--split", type=Path, default=None, help="split.json (default: a seeded 70/30 patient split saved in --out)")
     p.add_argument("--out", type=Path, required=True, help="run folder (config, split, metrics.jsonl, checkpoints/)")
@@ -46,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from ..methods import resolve_device
     from ..outputs import check_output_folder, output_lock
     from ..train import resolve_config, run_training
+    from ..train.config import FROM_SCRATCH_SETUPS
 
-    if args.weights is not None and args.setup in ("brats", "pmc"):
+    if args.weights is not None and args.setup in FROM_SCRATCH_SETUPS:
         raise InputError(f"--weights is for setups industrial/finetune; setup {args.setup!r} trains from random init")
     config = resolve_config(
         args.method, args.setup, args.config, backbone=args.backbone, weights=args.weights, epochs=args.epochs,

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone, grid_for, resize_positional_embedding
+from ..backbones.hf_text import hf_max_positions, hf_text_width, is_hf_text
 from ..errors import InputError, WeightsError
 from .adaclip_hsf import HSF_MODES, hybrid_semantic_fusion
 from .adaclip_prompts import ProjectLayer, PromptLayer, prompt_sentences, run_block, state_text_features
@@ -116,7 +117,8 @@ class AdaCLIP(AnomalyMethod):
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
         super().__init__(backbone, image_size=image_size, **options)
         self._explicit_object_name = "object_name" in options
-        for attribute in ("token_embedding", "transformer", "ln_final", "text_projection", "attn_mask"):
+        hf_text = is_hf_text(self.clip)  # BiomedCLIP's BERT: prompts enter through backbones/hf_text.py
+        for attribute in () if hf_text else ("token_embedding", "transformer", "ln_final", "text_projection", "attn_mask"):
             if getattr(self.clip, attribute, None) is None:
                 raise WeightsError(
                     f"backbone {backbone.name!r} has no CLIP text transformer ({attribute} missing); AdaCLIP prompts "
@@ -139,7 +141,7 @@ class AdaCLIP(AnomalyMethod):
             raise InputError(f"adaclip option layers={self.layers} repeats a block; give each tapped block once")
         self.config["layers"] = list(self.layers)
         width, embed_dim = (int(n) for n in visual.proj.shape)
-        text_width = int(self.clip.ln_final.weight.shape[0])
+        text_width = hf_text_width(self.clip) if hf_text else int(self.clip.ln_final.weight.shape[0])
         depth, length, kind = self.prompting_depth, self.prompting_length, self.prompting_type
         self.text_prompter = PromptLayer(text_width, length, depth, kind, enabled="L" in self.prompting_branch)
         self.visual_prompter = PromptLayer(width, length, depth, kind, enabled="V" in self.prompting_branch)
@@ -163,7 +165,8 @@ class AdaCLIP(AnomalyMethod):
         self.prompting_branch, self.prompting_type = branch, kind
         self.prompting_depth = _as_int(self.config["prompting_depth"], "prompting_depth", 1)
         self.prompting_length = _as_int(self.config["prompting_length"], "prompting_length", 1)
-        if self.prompting_length + 1 > int(self.clip.positional_embedding.shape[0]):
+        positions = hf_max_positions(self.clip) if is_hf_text(self.clip) else int(self.clip.positional_embedding.shape[0])
+        if self.prompting_length + 1 > positions:
             raise InputError(f"adaclip option prompting_length={self.prompting_length} does not fit the text context")
         self.use_hsf = _as_bool(self.config["use_hsf"], "use_hsf")
         self.k_clusters = _as_int(self.config["k_clusters"], "k_clusters", 1)

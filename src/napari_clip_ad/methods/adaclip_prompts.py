@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.hf_text import encode_hf_text, is_hf_text, replace_slots
 from .prompt_sets import PromptSet
 
 NORMAL_STATES: tuple[str, ...] = (
@@ -126,7 +127,12 @@ def encode_prompted_text(clip: nn.Module, tokens: torch.Tensor, contexts: torch.
 
     Returns:
         (G, N, E) projected end-token features (G = 1 without contexts), not normalised.
+
+    An HF BERT text tower (BiomedCLIP) gets the same prompts as hidden states 1..length entering
+    its layers 1..depth-1 and gives its pooled, projected [CLS] (see :mod:`napari_clip_ad.backbones.hf_text`).
     """
+    if is_hf_text(clip):
+        return _encode_prompted_hf_text(clip, tokens, contexts)
     length = 0 if contexts is None else contexts.shape[2]
     eot = tokens.argmax(dim=-1)
     n_pos = max(int(eot.max()) + 1, 1 + length)
@@ -154,6 +160,23 @@ def encode_prompted_text(clip: nn.Module, tokens: torch.Tensor, contexts: torch.
     return pooled.reshape(groups, n_sentences, -1)
 
 
+def _encode_prompted_hf_text(clip: nn.Module, tokens: torch.Tensor, contexts: torch.Tensor | None) -> torch.Tensor:
+    """HF-tower branch of :func:`encode_prompted_text`: (G, N, E)."""
+    n_sentences = tokens.shape[0]
+    if contexts is None:
+        return encode_hf_text(clip, tokens).reshape(1, n_sentences, -1)
+    groups, depth, length = contexts.shape[:3]
+    rows = tokens.repeat(groups, 1)
+
+    def layer_input(index: int, hidden: torch.Tensor) -> torch.Tensor:
+        if not 1 <= index < depth:
+            return hidden
+        context = contexts[:, index].unsqueeze(1).expand(-1, n_sentences, -1, -1).reshape(groups * n_sentences, length, -1)
+        return replace_slots(hidden, context)
+
+    return encode_hf_text(clip, rows, layer_input=layer_input, prompt_slots=length).reshape(groups, n_sentences, -1)
+
+
 def state_text_features(
     clip: nn.Module,
     tokenizer: Callable[..., torch.Tensor],
@@ -167,7 +190,7 @@ def state_text_features(
     official ``F.normalize(text_features, dim=1)`` over the embedding axis.
     """
     normal, abnormal = prompt_sentences(object_name, prompt_set)
-    device = clip.token_embedding.weight.device
+    device = next(clip.parameters()).device
     tokens = tokenizer(normal + abnormal).to(device)
     embedded = encode_prompted_text(clip, tokens, contexts).float()
     embedded = embedded / embedded.norm(dim=-1, keepdim=True)

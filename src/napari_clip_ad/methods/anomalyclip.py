@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone, resize_positional_embedding
+from ..backbones.hf_text import hf_text_width, hf_word_embedding, is_hf_text
 from ..errors import InputError, WeightsError
 from .anomalyclip_dpam import VisualOutputs, dpam_visual_outputs
 from .anomalyclip_prompts import AnomalyCLIPPromptLearner, encode_learned_text
@@ -61,7 +62,8 @@ class AnomalyCLIP(AnomalyMethod):
 
     def __init__(self, backbone: Backbone, image_size: int = 240, **options: Any) -> None:
         super().__init__(backbone, image_size=image_size, **options)
-        for attribute in ("token_embedding", "transformer", "ln_final", "text_projection", "attn_mask"):
+        hf_text = is_hf_text(self.clip)  # BiomedCLIP's BERT: prompts enter through backbones/hf_text.py
+        for attribute in () if hf_text else ("token_embedding", "transformer", "ln_final", "text_projection", "attn_mask"):
             if getattr(self.clip, attribute, None) is None:
                 raise WeightsError(
                     f"backbone {backbone.name!r} has no CLIP text transformer ({attribute} missing); "
@@ -72,9 +74,10 @@ class AnomalyCLIP(AnomalyMethod):
         self.layers = self.resolve_layers(self.config["layers"])
         self.n_dpam = self._resolve_dpam(self.config["dpam_layer"])
         self.config["dpam_layer"] = self.n_dpam + 1
-        width = int(self.clip.ln_final.weight.shape[0])
+        width = hf_text_width(self.clip) if hf_text else int(self.clip.ln_final.weight.shape[0])
         self.prompt_learner = AnomalyCLIPPromptLearner(width, self.config["n_ctx"], self.config["t_n_ctx"], self.config["depth"])
-        self.prompt_learner.attach_tokens(self.clip.token_embedding, backbone.tokenizer)
+        embedding = hf_word_embedding(self.clip) if hf_text else self.clip.token_embedding
+        self.prompt_learner.attach_tokens(embedding, backbone.tokenizer)
         self.prompt_learner.to(self.device)
         self._text_cache: tuple[tuple, torch.Tensor] | None = None
 

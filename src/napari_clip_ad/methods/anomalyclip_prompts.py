@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..backbones.hf_text import encode_hf_text, is_hf_text, replace_slots
 from ..errors import InputError
 
 NORMAL_TEMPLATE = "{}"
@@ -91,7 +92,19 @@ def encode_learned_text(
     Mirrors the official ``encode_text_learn``: causal mask, ``ln_final``, projection of the EOT token.
     The sequence is cut after the last EOT (and the deep-prompt slots): exact by the causal mask,
     a fraction of the full 77-token work (the EOT of ``X * 12 damaged object.`` is token 16).
+
+    An HF BERT text tower (BiomedCLIP) takes ``prompts`` as word embeddings and the deep prompts as
+    hidden states 1..t_n_ctx entering layers 1..len(deep_prompts), with the same fp16 rounding;
+    the feature is its pooled, projected [CLS] (see :mod:`napari_clip_ad.backbones.hf_text`).
     """
+    if is_hf_text(clip):
+        def layer_input(index: int, hidden: torch.Tensor) -> torch.Tensor:
+            if 0 < index <= len(deep_prompts):
+                return replace_slots(hidden, deep_prompts[index - 1].half())
+            return hidden
+
+        slots = max([0] + [p.shape[0] for p in deep_prompts])
+        return encode_hf_text(clip, tokenized, inputs_embeds=prompts, layer_input=layer_input, prompt_slots=slots)
     transformer = clip.transformer
     batch_first = getattr(transformer, "batch_first", True)
     eot = tokenized.argmax(dim=-1)

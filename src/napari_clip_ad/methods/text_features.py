@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path
+from ..backbones.hf_text import encode_hf_text, is_hf_text
 
 LOG = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -71,8 +72,10 @@ def eot_positions(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 def encode_text_truncated(clip: nn.Module, tokens: torch.Tensor, n_positions: int | None = None) -> torch.Tensor:
     """``clip.encode_text(tokens)`` computed on the sequence cut after the last EOT, in float32.
 
-    Exact by the causal mask: positions after the EOT cannot influence it. Towers without a causal
-    mask or with another pooling (e.g. BiomedCLIP's BERT) run the ordinary ``encode_text``.
+    Exact by the causal mask: positions after the EOT cannot influence it. An HF text tower
+    (BiomedCLIP's BERT) masks its padding, so it runs cut after the last real token
+    (:func:`~napari_clip_ad.backbones.hf_text.encode_hf_text`); other towers without a causal mask
+    or with another pooling run the ordinary ``encode_text``.
 
     Args:
         clip: open_clip CLIP model.
@@ -84,6 +87,8 @@ def encode_text_truncated(clip: nn.Module, tokens: torch.Tensor, n_positions: in
         (N, E) float32 projected features, not normalised.
     """
     with torch.autocast(tokens.device.type, enabled=False):
+        if is_hf_text(clip):
+            return encode_hf_text(clip, tokens).float()
         if not _truncatable(clip):
             return clip.encode_text(tokens).float()
         eot = eot_positions(clip, tokens)

@@ -10,11 +10,17 @@ from typing import Any
 
 from ..errors import InputError
 
-SETUPS = ("industrial", "finetune", "brats", "pmc")
+SETUPS = ("industrial", "finetune", "brats", "pmc", "biomedclip")
 """industrial: released weights, nothing trained; finetune: released weights trained further;
-brats: trainable parts from random init; pmc: PMC-CLIP backbone, random-init trainable parts."""
+brats: trainable parts from random init; pmc: PMC-CLIP backbone, random-init trainable parts;
+biomedclip: BiomedCLIP backbone, random-init trainable parts (not in the study's default grid)."""
 
 PMC_BACKBONE = "pmc-vit-l-14"
+BIOMEDCLIP_BACKBONE = "biomedclip"
+FROM_SCRATCH_SETUPS = ("brats", "pmc", "biomedclip")
+"""Setups whose trainable parts start from random init (no released weights)."""
+SETUP_BACKBONES = {"pmc": PMC_BACKBONE, "biomedclip": BIOMEDCLIP_BACKBONE}
+"""Setups that fix the backbone (when none is given)."""
 
 STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
     # Study Table 2 (image size 240 for all). Optimiser settings from the official train.py files. layers None =
@@ -129,8 +135,8 @@ def default_config(method: str, setup: str) -> TrainConfig:
         config.weights = study.get("released")
         if study.get("released_layers"):
             config.layers = list(study["released_layers"])
-    if setup == "pmc":
-        config.backbone = PMC_BACKBONE
+    if setup in SETUP_BACKBONES:
+        config.backbone = SETUP_BACKBONES[setup]
     return config
 
 
@@ -170,9 +176,9 @@ def resolve_config(method: str, setup: str, file: str | Path | None = None, **ov
     config.method, config.setup = config.method.lower(), config.setup
     if config.setup not in SETUPS:
         raise InputError(f"unknown setup {config.setup!r}; use one of {', '.join(SETUPS)}")
-    if config.setup == "pmc" and config.backbone in (None, ""):
-        config.backbone = PMC_BACKBONE
-    if config.setup in ("brats", "pmc"):
+    if config.setup in SETUP_BACKBONES and config.backbone in (None, ""):
+        config.backbone = SETUP_BACKBONES[config.setup]
+    if config.setup in FROM_SCRATCH_SETUPS:
         config.weights = None
     if config.optimizer not in ("adam", "adamw"):
         raise InputError(f"optimizer {config.optimizer!r} is not supported; use 'adam' or 'adamw'")
