@@ -158,9 +158,10 @@ def test_scancelled_cell_fails_with_its_log_requeued_cell_resumes_and_rerun_resu
 
     # Time limit: Slurm sends USR2 90 s before --time (submitit's --signal=USR2@90); submitit's handler calls
     # CellTask.checkpoint and 'scontrol requeue's the task, which Slurm holds (BeginTime, ~120 s) before it runs
-    # again. Sent here by hand once the task runs its cell (the handler is installed before that line is printed).
-    _wait_for(lambda: Path(requeued["log"]).is_file() and "cell anovl-industrial: Slurm job" in Path(requeued["log"]).read_text(),
-              "anovl-industrial's task start")
+    # again. Sent here by hand once the cell is at work (the study logs "running" inside the cell's lock; the
+    # handler was installed at the task's start), so the requeued task must redo a half-written cell.
+    _wait_for(lambda: Path(requeued["log"]).is_file() and "anovl/industrial: running" in Path(requeued["log"]).read_text(),
+              "anovl-industrial at work")
     subprocess.run(["scancel", "--signal=USR2", requeued["job"]], check=True)
     _wait_for(lambda: _squeue(requeued["job"]) == "PENDING|BeginTime", "the requeued task held by Slurm")
     subprocess.run(["scontrol", "update", f"jobid={requeued['job']}", "StartTime=now"], check=True)
@@ -173,6 +174,7 @@ def test_scancelled_cell_fails_with_its_log_requeued_cell_resumes_and_rerun_resu
     assert re.search(rf"cell vand-industrial: Slurm job \d+ \(array task {victim['job']}, restart 0\)", Path(victim["log"]).read_text())
     log = Path(requeued["log"]).read_text()
     assert "Caught signal SIGUSR2" in log and f"Requeued job {requeued['job']}" in log
+    assert log.index("anovl/industrial: running") < log.index("Caught signal SIGUSR2")  # mid-cell
     assert "array task %s, restart 0)" % requeued["job"] in log and "array task %s, restart 1)" % requeued["job"] in log
     assert not (out / "cells" / "vand-industrial" / "done.json").exists()
 

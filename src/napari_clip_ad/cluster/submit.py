@@ -82,10 +82,10 @@ class CellTask:
     def __call__(self, cell: str) -> str:
         from ..cli import main
 
-        task = f"{os.environ.get('SLURM_ARRAY_JOB_ID', '?')}_{os.environ.get('SLURM_ARRAY_TASK_ID', '?')}"
-        print(f"cell {cell or '(report)'}: Slurm job {os.environ.get('SLURM_JOB_ID', '?')} (array task {task}, restart "
-              f"{os.environ.get('SLURM_RESTART_COUNT', '0')}), CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}",
-              flush=True)
+        env = os.environ.get
+        task = f"array task {env('SLURM_ARRAY_JOB_ID')}_{env('SLURM_ARRAY_TASK_ID')}, " if env("SLURM_ARRAY_JOB_ID") else ""
+        print(f"cell {cell or '(report)'}: Slurm job {env('SLURM_JOB_ID', '?')} ({task}restart {env('SLURM_RESTART_COUNT', '0')}), "
+              f"CUDA_VISIBLE_DEVICES={env('CUDA_VISIBLE_DEVICES', '')}", flush=True)  # which task ran which cell
         status = main(["study", *self.study_line, *self.extra, "--cell", cell] if cell else ["study", *self.study_line, *self.extra])
         if status:
             raise RuntimeError(f"study cell {cell or '(report)'} exited with status {status} (see this task's log)")
