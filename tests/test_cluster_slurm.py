@@ -49,32 +49,76 @@ def _wait_gone(job_ids: list[str], limit_s: float = 420) -> None:
     pytest.fail(f"Slurm jobs {job_ids} still queued after {limit_s} s")
 
 
-def test_emitted_array_on_slurm_gives_the_local_report(cohort, tmp_path):  # noqa: F811
-    local, cluster, scripts = tmp_path / "local", tmp_path / "cluster", tmp_path / "jobs"
-    assert main(study_args(cohort, local)) == 0
+def _env_for_tasks(monkeypatch) -> None:
+    """Cell tasks import this tree (not the installed copy) and stay on one thread each."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def _wait_for(check, what: str, limit_s: float = 300) -> None:
+    """Poll ``check()`` every 0.05 s; fail the test (not hang) when it never holds."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"{what}: not seen within {limit_s} s")
+
+
+def _squeue(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r"], check=False, capture_output=True, text=True).stdout.strip()
+
+
+def _status(out: Path, capsys) -> dict[str, list[str]]:
+    """``study --status OUT`` as {cell: [state, log, slurm state]} (log and Slurm state unless finished)."""
+    capsys.readouterr()
+    assert main(["study", "--status", str(out)]) == 0
+    return {line.split("\t")[0]: line.split("\t")[1:] for line in capsys.readouterr().out.splitlines()}
+
+
+@pytest.fixture(scope="module")
+def local_table(cohort, tmp_path_factory):  # noqa: F811
+    """The three-cell study run locally once: what every Slurm run must reproduce."""
+    out = tmp_path_factory.mktemp("local")
+    assert main(study_args(cohort, out)) == 0
+    return table_without_timing(out / "report" / "table1.csv")
+
+
+def test_emitted_array_on_slurm_gives_the_local_report(cohort, local_table, tmp_path, capsys, monkeypatch):  # noqa: F811
+    _env_for_tasks(monkeypatch)
+    cluster, scripts = tmp_path / "cluster", tmp_path / "jobs"
     assert main([*study_args(cohort, cluster), "--gpus-per-task", "1", "--mem", "2G", "--time", "10",
                  "--emit-sbatch", str(scripts)]) == 0
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1"}
-    submitted = subprocess.run(["bash", str(scripts / "submit.sh")], env=env, check=False, capture_output=True, text=True, timeout=60)
+    ids = (scripts / "cells.txt").read_text().split()
+    assert ids == ["intensity-baseline", "vand-industrial", "anovl-industrial"]
+    # As a user would: plain bash + sbatch, nothing from this process.
+    submitted = subprocess.run(["bash", str(scripts / "submit.sh")], check=False, capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     array, report = re.search(r"array job (\d+) .* report: job (\d+)", submitted.stdout).groups()
+    # --status of a study submitted by hand: submit.sh recorded the array; task i is the i-th cell, its log is its own.
+    early = _status(cluster, capsys)
+    assert list(early) == ids
+    for i, cell in enumerate(ids):
+        assert early[cell][0] in ("pending", "running", "finished"), early
+        if early[cell][0] != "finished":
+            assert early[cell][1] == str(scripts / "logs" / f"cell_{array}_{i}.out"), early
     _wait_gone([array, report])
     logs = sorted((scripts / "logs").glob(f"cell_{array}_*.out"))
     assert len(logs) == 3, [p.name for p in logs]
+    for i, cell in enumerate(ids):  # the log of task i starts by naming cell i
+        assert (scripts / "logs" / f"cell_{array}_{i}.out").read_text().startswith(f"cell {cell}: array task {array}_{i} ")
     devices = {re.search(r"CUDA_VISIBLE_DEVICES=(\S*)", p.read_text()).group(1) for p in logs}
     assert devices == {"0", "1"}, devices  # the first two tasks run side by side, each on its own (fake) GPU
-    assert table_without_timing(cluster / "report" / "table1.csv") == table_without_timing(local / "report" / "table1.csv")
+    assert table_without_timing(cluster / "report" / "table1.csv") == local_table
     state = subprocess.run(["sacct", "-n", "-X", "-j", array, "-o", "State"], check=False, capture_output=True, text=True)
     if state.returncode == 0:  # with accounting: every task COMPLETED
         assert set(state.stdout.split()) == {"COMPLETED"}, state.stdout
+    assert {cell: kind for cell, (kind, *_) in _status(cluster, capsys).items()} == dict.fromkeys(ids, "finished")
 
 
-def test_executor_slurm_fills_the_folder_like_local_and_reruns_only_unfinished(cohort, tmp_path, capsys, monkeypatch):  # noqa: F811
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    local, cluster = tmp_path / "local", tmp_path / "cluster"
-    assert main(study_args(cohort, local)) == 0
+def test_executor_slurm_fills_the_folder_like_local_and_reruns_only_unfinished(cohort, local_table, tmp_path, capsys, monkeypatch):  # noqa: F811
+    _env_for_tasks(monkeypatch)
+    cluster = tmp_path / "cluster"
     # One cell finished beforehand: only the other two are submitted.
     assert main([*study_args(cohort, cluster), "--cell", "intensity-baseline"]) == 0
     capsys.readouterr()
@@ -83,53 +127,69 @@ def test_executor_slurm_fills_the_folder_like_local_and_reruns_only_unfinished(c
     assert "submitted 2 cells as Slurm array" in err
     record = json.loads((cluster / "slurm" / "jobs.json").read_text())["submissions"][-1]
     assert sorted(record["cells"]) == ["anovl-industrial", "vand-industrial"]
-    assert table_without_timing(cluster / "report" / "table1.csv") == table_without_timing(local / "report" / "table1.csv")
+    assert table_without_timing(cluster / "report" / "table1.csv") == local_table
     _wait_gone([record["report"]])
+    capsys.readouterr()
     assert main(["study", "--status", str(cluster)]) == 0
     out = capsys.readouterr()
     assert out.out.split() == ["intensity-baseline", "finished", "vand-industrial", "finished", "anovl-industrial", "finished"]
     assert "finished 3 / running 0 / pending 0 / failed 0" in out.err
 
 
-@pytest.mark.xfail(strict=False, reason="issue 17 open: on a quiet 2-core machine the cancelled tiny cell is still "
-                   "reported 'finished' (seen in CI on 2026-12-02 even with SIGKILL); the cancel/requeue path needs a "
-                   "deterministic victim before this test may gate CI again")
-def test_scancelled_cell_is_reported_failed_with_its_log_and_rerun_resubmits_only_it(cohort, tmp_path, capsys, monkeypatch):  # noqa: F811
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def test_scancelled_cell_fails_with_its_log_requeued_cell_resumes_and_rerun_resubmits_only_the_cancelled(
+        cohort, local_table, tmp_path, capsys, monkeypatch):  # noqa: F811
+    _env_for_tasks(monkeypatch)
     out = tmp_path / "study"
     args = [*study_args(cohort, out), "--executor", "slurm", "--mem", "2G", "--time", "10"]
     assert main([*args, "--detach"]) == 0
     record = json.loads((out / "slurm" / "jobs.json").read_text())["submissions"][-1]
-    victim = record["cells"]["vand-industrial"]["job"]
-    end = time.monotonic() + 180
-    while time.monotonic() < end:  # cancel it once it runs (a kill mid-cell, not a never-started job)
-        state = subprocess.run(["squeue", "-h", "-j", victim, "-o", "%T"], check=False, capture_output=True, text=True).stdout.strip()
-        if state == "RUNNING":
-            break
-        time.sleep(0.5)
-    # submitit's job handler ignores SIGTERM (it "bypasses" it), so a plain scancel lands only after Slurm's KillWait,
-    # by when a tiny cell may have finished: kill the batch step and its children at once.
-    subprocess.run(["scancel", "--signal=KILL", "--full", victim], check=True)
-    _wait_gone([record["array"], record["report"]])
-    capsys.readouterr()
-    assert main(["study", "--status", str(out)]) == 0
-    lines = {line.split("\t")[0]: line.split("\t")[1:] for line in capsys.readouterr().out.splitlines()}
-    assert lines["vand-industrial"][0] == "failed" and lines["vand-industrial"][1] == record["cells"]["vand-industrial"]["log"]
-    assert lines["intensity-baseline"] == ["finished"] and lines["anovl-industrial"] == ["finished"]
+    ids = ["intensity-baseline", "vand-industrial", "anovl-industrial"]
+    array = record["array"]
+    assert [record["cells"][c]["job"] for c in ids] == [f"{array}_{i}" for i in range(3)]  # task i runs the i-th cell
+    victim, requeued = record["cells"]["vand-industrial"], record["cells"]["anovl-industrial"]
+
+    # scancel mid-cell. The cell holds its lock while it runs; 'scontrol suspend' then freezes it (SIGSTOP to the
+    # task), so it certainly cannot finish before the cancel lands. scancel of a suspended job kills at once (no
+    # SIGTERM grace, which submitit's task would bypass until KillWait).
+    _wait_for(lambda: (out / "cells" / "vand-industrial" / ".lock").exists(), "vand-industrial's cell lock")
+    subprocess.run(["scontrol", "suspend", victim["job"]], check=True)
     assert not (out / "cells" / "vand-industrial" / "done.json").exists()
+    subprocess.run(["scancel", victim["job"]], check=True)
+
+    # Time limit: Slurm sends USR2 90 s before --time (submitit's --signal=USR2@90); submitit's handler calls
+    # CellTask.checkpoint and 'scontrol requeue's the task, which Slurm holds (BeginTime, ~120 s) before it runs
+    # again. Sent here by hand once the cell is at work (the study logs "running" inside the cell's lock; the
+    # handler was installed at the task's start), so the requeued task must redo a half-written cell.
+    _wait_for(lambda: Path(requeued["log"]).is_file() and "anovl/industrial: running" in Path(requeued["log"]).read_text(),
+              "anovl-industrial at work")
+    subprocess.run(["scancel", "--signal=USR2", requeued["job"]], check=True)
+    _wait_for(lambda: _squeue(requeued["job"]) == "PENDING|BeginTime", "the requeued task held by Slurm")
+    subprocess.run(["scontrol", "update", f"jobid={requeued['job']}", "StartTime=now"], check=True)
+    _wait_gone([array, record["report"]])
+
+    lines = _status(out, capsys)
+    assert lines["vand-industrial"][:2] == ["failed", victim["log"]]
+    assert lines["vand-industrial"][2].startswith("CANCELLED") or lines["vand-industrial"][2] == "ended"  # sacct's word
+    assert lines["intensity-baseline"] == ["finished"] and lines["anovl-industrial"] == ["finished"]
+    assert re.search(rf"cell vand-industrial: Slurm job \d+ \(array task {victim['job']}, restart 0\)", Path(victim["log"]).read_text())
+    log = Path(requeued["log"]).read_text()
+    assert "Caught signal SIGUSR2" in log and f"Requeued job {requeued['job']}" in log
+    assert log.index("anovl/industrial: running") < log.index("Caught signal SIGUSR2")  # mid-cell
+    assert "array task %s, restart 0)" % requeued["job"] in log and "array task %s, restart 1)" % requeued["job"] in log
+    assert not (out / "cells" / "vand-industrial" / "done.json").exists()
+
     before = {c: (out / "cells" / c / "done.json").stat().st_mtime_ns for c in ("intensity-baseline", "anovl-industrial")}
-    assert main(args) == 0  # the same command again: only the cancelled cell is resubmitted
+    assert main(args) == 0  # the same command again (attached): only the cancelled cell is resubmitted
     assert "submitted 1 cells as Slurm array" in capsys.readouterr().err
     assert {c: (out / "cells" / c / "done.json").stat().st_mtime_ns for c in before} == before
     assert (out / "cells" / "vand-industrial" / "done.json").is_file()
+    assert table_without_timing(out / "report" / "table1.csv") == local_table  # the requeued cell's results too
 
 
 def test_infer_shards_on_slurm_then_merge_equal_one_unsharded_run(cohort, tmp_path, capsys, monkeypatch):  # noqa: F811
     from test_cohort_shards import INFER, _files
 
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _env_for_tasks(monkeypatch)
     whole, sharded = tmp_path / "whole", tmp_path / "sharded"
     assert main(["infer", str(cohort), *INFER, "--out", str(whole)]) == 0
     capsys.readouterr()

@@ -53,21 +53,27 @@ def _header(job_name: str, log: str, directives: Sequence[str]) -> list[str]:
             *(f"#SBATCH {d}" for d in directives)]
 
 
-def write_sbatch(folder: Path, cell_ids: Sequence[str], study_line: Sequence[str], slurm: SlurmOptions,
+def write_sbatch(folder: Path, cell_ids: Sequence[str], study_line: Sequence[str], slurm: SlurmOptions, out: Path,
                  python: str = sys.executable) -> list[Path]:
-    """Write ``cells.sbatch``, ``report.sbatch`` and ``submit.sh`` into ``folder``; returns their paths.
+    """Write ``cells.txt``, ``cells.sbatch``, ``report.sbatch`` and ``submit.sh`` into ``folder``; returns the scripts.
+
+    ``cells.txt`` lists the cell of array task ``i`` on line ``i + 1``. ``submit.sh`` and each cell task record the
+    array in ``out/slurm/jobs.json`` (:mod:`napari_clip_ad.cluster.state`), so ``study --status OUT`` works.
 
     Args:
         folder: Where the scripts (and the tasks' logs, under ``logs/``) go.
         cell_ids: The grid's cell IDs in order (array index i runs ``cell_ids[i]``).
         study_line: The ``study`` flags shared by every task (data, out, grid and options).
         slurm: What each cell task asks for.
+        out: The study's ``--out`` (where the submissions are recorded).
         python: The interpreter the tasks run (default: this one, so the same environment).
     """
     folder = Path(folder).resolve()
     logs = folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     base = [python, "-m", "napari_clip_ad.cli", "study", *study_line]
+    record = [python, "-m", "napari_clip_ad.cluster.state", "record", "--out", str(Path(out).resolve()), "--scripts", str(folder)]
+    write_text(folder / "cells.txt", "".join(f"{cell}\n" for cell in cell_ids))
     array = f"--array=0-{len(cell_ids) - 1}" + (f"%{slurm.array_limit}" if slurm.array_limit else "")
     cells = _header("clip-ad-cells", f"{logs}/cell_%A_%a.out", [array, *slurm.directives(), "--requeue",
                                                                    f"--signal=B:USR1@{REQUEUE_SIGNAL_SECONDS}"])
@@ -77,6 +83,8 @@ def write_sbatch(folder: Path, cell_ids: Sequence[str], study_line: Sequence[str
         "CELLS=(" + " ".join(shlex.quote(c) for c in cell_ids) + ")",
         'CELL="${CELLS[$SLURM_ARRAY_TASK_ID]}"',
         'echo "cell $CELL: array task ${SLURM_ARRAY_JOB_ID:-?}_${SLURM_ARRAY_TASK_ID} on $(hostname), CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}"',
+        "# Record the array for 'study --status' (done by submit.sh too; this covers an array sbatched by hand).",
+        " ".join(shlex.quote(a) for a in record) + ' --array "$SLURM_ARRAY_JOB_ID" || echo "warning: could not record the array"',
         "# Near the time limit Slurm signals this shell: requeue the task; training resumes from its last checkpoint.",
         'trap \'echo "time limit near: requeueing $CELL"; scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"\' USR1',
         " ".join(shlex.quote(a) for a in base) + ' --cell "$CELL" &',
@@ -98,7 +106,10 @@ def write_sbatch(folder: Path, cell_ids: Sequence[str], study_line: Sequence[str
         'cells=$(sbatch --parsable "$here/cells.sbatch")',
         'cells=${cells%%;*}',
         'report=$(sbatch --parsable --dependency=afterany:"$cells" "$here/report.sbatch")',
-        f'echo "cells: array job $cells ({len(cell_ids)} tasks, logs in {logs}); report: job ${{report%%;*}}"',
+        'report=${report%%;*}',
+        " ".join(shlex.quote(a) for a in record) + ' --array "$cells" --report "$report"',
+        f'echo "cells: array job $cells ({len(cell_ids)} tasks, logs in {logs}); report: job $report; '
+        f'progress: {shlex.quote(python)} -m napari_clip_ad.cli study --status {shlex.quote(str(Path(out).resolve()))}"',
     ]
     paths = []
     for name, lines in (("cells.sbatch", cells), ("report.sbatch", report), ("submit.sh", submit)):

@@ -8,7 +8,7 @@ submitted is recorded in ``<out>/slurm/jobs.json`` so ``study --status OUT`` wor
 
 from __future__ import annotations
 
-import json
+import os
 import re
 import shutil
 import sys
@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_json
 from ..errors import InputError
 from .options import SlurmOptions
+from .state import add_submission, cell_states, summarize
 
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
@@ -51,7 +51,8 @@ def _executor(folder: Path, slurm: SlurmOptions, name: str, gpus: bool = True, d
         raise InputError("--executor slurm: no 'sbatch' on PATH (not on a Slurm login node?); use --executor local "
                          "or --emit-sbatch DIR")
     executor = submitit.SlurmExecutor(folder=str(folder / "%j"), python=sys.executable)
-    params: dict[str, Any] = {"job_name": name, "partition": slurm.partition, "account": slurm.account, "qos": slurm.qos,
+    # One log per task (stdout and stderr): the one path --status and the failure lines point at.
+    params: dict[str, Any] = {"job_name": name, "stderr_to_stdout": True, "partition": slurm.partition, "account": slurm.account, "qos": slurm.qos,
                               "additional_parameters": dict(slurm.extra) if gpus else {}}
     minutes = time_minutes(slurm.time)
     if minutes:
@@ -81,6 +82,10 @@ class CellTask:
     def __call__(self, cell: str) -> str:
         from ..cli import main
 
+        env = os.environ.get
+        task = f"array task {env('SLURM_ARRAY_JOB_ID')}_{env('SLURM_ARRAY_TASK_ID')}, " if env("SLURM_ARRAY_JOB_ID") else ""
+        print(f"cell {cell or '(report)'}: Slurm job {env('SLURM_JOB_ID', '?')} ({task}restart {env('SLURM_RESTART_COUNT', '0')}), "
+              f"CUDA_VISIBLE_DEVICES={env('CUDA_VISIBLE_DEVICES', '')}", flush=True)  # which task ran which cell
         status = main(["study", *self.study_line, *self.extra, "--cell", cell] if cell else ["study", *self.study_line, *self.extra])
         if status:
             raise RuntimeError(f"study cell {cell or '(report)'} exited with status {status} (see this task's log)")
@@ -101,51 +106,10 @@ def submit_cells(out: Path, ids: Sequence[str], study_line: Sequence[str], slurm
     array_id = jobs[0].job_id.split("_")[0]
     report_ex = _executor(folder, slurm, "clip-ad-report", gpus=False, dependency=f"afterany:{array_id}")
     report = report_ex.submit(CellTask(study_line, ["--report-only"]), "")
-    record = {"array": array_id, "report": report.job_id, "folder": str(folder),
+    record = {"array": array_id, "report": report.job_id, "folder": str(folder), "via": "submitit",
               "cells": {cell: {"job": job.job_id, "log": str(job.paths.stdout)} for cell, job in zip(ids, jobs)}}
-    previous = read_jobs(out)
-    write_json(Path(out) / "slurm" / "jobs.json", {"submissions": [*previous.get("submissions", []), record]})
+    add_submission(out, record)
     return record
-
-
-def read_jobs(out: Path) -> dict[str, Any]:
-    """What ``jobs.json`` recorded (empty when nothing was submitted)."""
-    path = Path(out) / "slurm" / "jobs.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def cell_states(out: Path, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """Per cell: (``finished`` | ``running`` | ``pending`` | ``failed`` | ``not submitted``, log path or '').
-
-    Finished is read from the folder (``done.json``); the rest from Slurm through submitit's job state
-    (sacct with accounting, squeue otherwise), for the cell's latest submission.
-    """
-    import submitit
-
-    latest: dict[str, dict[str, str]] = {}
-    for record in read_jobs(out).get("submissions", []):
-        for cell, info in record["cells"].items():
-            latest[cell] = {**info, "folder": record["folder"]}
-    states = {}
-    for cell in ids:
-        info = latest.get(cell)
-        if (Path(out) / "cells" / cell / "done.json").is_file():
-            states[cell] = ("finished", info["log"] if info else "")
-        elif info is None:
-            states[cell] = ("not submitted", "")
-        else:
-            state = submitit.SlurmJob(folder=info["folder"] + "/%j", job_id=info["job"]).state.upper()
-            # submitit's list of states that are not final (core.Watcher.is_done); every other one is an end.
-            kind = "running" if state in ("RUNNING", "COMPLETING", "CONFIGURING") else \
-                "pending" if state in ("READY", "PENDING", "REQUEUED", "UNKNOWN", "PREEMPTED") else "failed"
-            states[cell] = (kind, info["log"])
-    return states
-
-
-def summarize(states: dict[str, tuple[str, str]]) -> str:
-    """``finished 2 / running 1 / pending 1 / failed 0`` (the progress line)."""
-    kinds = [kind for kind, _ in states.values()]
-    return " / ".join(f"{k} {kinds.count(k)}" for k in ("finished", "running", "pending", "failed"))
 
 
 def wait_and_report(out: Path, ids: Sequence[str], log: Callable[[str], None]) -> list[str]:
@@ -157,12 +121,12 @@ def wait_and_report(out: Path, ids: Sequence[str], log: Callable[[str], None]) -
     with tqdm(total=len(ids), desc="cells", unit="cell", file=sys.stderr) as bar:
         while True:
             states = cell_states(out, ids)
-            bar.n = sum(kind == "finished" for kind, _ in states.values())
+            bar.n = sum(state[0] == "finished" for state in states.values())
             bar.set_postfix_str(summarize(states))
-            if all(kind in ("finished", "failed") for kind, _ in states.values()):
+            if all(state[0] in ("finished", "failed") for state in states.values()):
                 break
             time.sleep(2)
-    failed = [f"cell {cell} failed (Slurm job state above); log: {logpath}" for cell, (kind, logpath) in states.items()
+    failed = [f"cell {cell} failed (Slurm: {slurm_state}); log: {logpath}" for cell, (kind, logpath, slurm_state) in states.items()
               if kind == "failed"]
     for line in failed:
         log(line)

@@ -145,14 +145,19 @@ def _status(out: Path) -> int:
     """``study --status OUT``: each cell's state from the folder and Slurm, with its log."""
     import json
 
-    from ..cluster.submit import cell_states, summarize
+    from ..cluster.state import cell_states, summarize
+
+    from ..cluster.state import read_jobs
 
     info = out / "study.json"
-    if not info.is_file():
-        raise InputError(f"{out}: no study.json; give the --out of a study")
-    states = cell_states(out, json.loads(info.read_text())["cells"])
-    for cell, (kind, log) in states.items():
-        print(f"{cell}\t{kind}" + (f"\t{log}" if log and kind != "finished" else ""))
+    recorded = [cell for record in read_jobs(out).get("submissions", []) for cell in record["cells"]]
+    if not info.is_file() and not recorded:
+        raise InputError(f"{out}: no study.json and no Slurm submission recorded; give the --out of a study")
+    # Before any cell task ran (study.json is written by the first), the submitted cells are the grid.
+    ids = json.loads(info.read_text())["cells"] if info.is_file() else list(dict.fromkeys(recorded))
+    states = cell_states(out, ids)
+    for cell, (kind, log, slurm_state) in states.items():  # cell, state, then (unless finished) log and Slurm's state
+        print("\t".join([cell, kind, *([log, slurm_state] if log and kind != "finished" else [])]))
     print(summarize(states), file=sys.stderr)
     return 0
 
@@ -163,7 +168,7 @@ def _emit_sbatch(args: argparse.Namespace, ids: list[str]) -> int:
     from ..cluster.sbatch import rebuild_command, write_sbatch
 
     line = rebuild_command(args, args.study_parser, drop=("emit_sbatch", "list_cells", "cell", "report_only", "executor", "detach", "status"))
-    paths = write_sbatch(args.emit_sbatch, ids, line, slurm_options_from_args(args))
+    paths = write_sbatch(args.emit_sbatch, ids, line, slurm_options_from_args(args), out=args.out)
     for path in paths:
         print(path)
     print(f"{len(ids)} cells; submit with: bash {paths[-1]}", file=sys.stderr)
