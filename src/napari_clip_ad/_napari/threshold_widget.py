@@ -142,6 +142,11 @@ class ThresholdWidget(Container):
     def _on_map_changed(self, *_: Any) -> None:
         layer = self.anomaly_map.value
         if layer is not None:
+            # The map's own threshold first: choosing the ground truth applies the current one (and records it).
+            threshold = layer.metadata.get("threshold")
+            if isinstance(threshold, float) and abs(threshold - float(self.threshold.value)) > 1e-9:
+                self._exact = threshold
+                self.threshold.value = threshold
             wanted = layer.metadata.get("ground_truth_layer")
             match = next((lab for _, lab in self._labels_choices() if lab.name == wanted), None)
             if match is None and layer.metadata.get("case_id") is not None:
@@ -150,10 +155,6 @@ class ThresholdWidget(Container):
                               and lab.data.shape == layer.data.shape), None)
             if match is not None:
                 self.ground_truth.value = match
-            threshold = layer.metadata.get("threshold")
-            if isinstance(threshold, float) and abs(threshold - float(self.threshold.value)) > 1e-9:
-                self._exact = threshold
-                self.threshold.value = threshold
             brain = self._brain()
             self.in_brain.enabled = brain is not None
         self._on_ground_truth_changed()
