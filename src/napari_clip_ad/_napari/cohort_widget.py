@@ -77,6 +77,7 @@ def run_cohort(job: CohortJob, cancel: threading.Event, on_case: Any = None, on_
     """Run every case (``infer``'s files), then score them (``evaluate``'s files); library code, no Qt."""
     from ..commands.evaluate import evaluate_pairs
     from ..engine.outputs import write_case_outputs, write_run_summary
+    from ..engine.overlap import CaseSteps, run_cases, without_images
     from ..engine.pipeline import ReferencePool, build_pipeline_method, run_case
     from ..io import load_case
     from ..report.collect import ScoringOptions, match_maps
@@ -86,15 +87,23 @@ def run_cohort(job: CohortJob, cancel: threading.Event, on_case: Any = None, on_
         # As infer: 'auto' references come from the cohort's other cases (never the analysed patient).
         pool = ReferencePool(job.options, method, training_cases=job.cases) if job.options.few_shot else None
         job.out.mkdir(parents=True, exist_ok=True)
-        for k, path in enumerate(job.cases):
+        position = {str(path): k for k, path in enumerate(job.cases)}
+
+        def compute(path: Path, case: Any) -> Any:
             if cancel.is_set():
-                return CohortOutcome(cancelled=True)
+                raise Cancelled("cancelled")
             if on_case:
-                on_case(k, len(job.cases), case_id_of(path))
-            case = load_case(path, modalities=job.options.modalities_to_load)
-            result = run_case(case, method, job.options, progress_for=lambda view: on_slice, cancel=cancel.is_set,
-                              references=pool)
-            write_case_outputs(case, result, job.out, case_id_of(path))
+                on_case(position[str(path)], len(job.cases), case_id_of(path))
+            return run_case(case, method, job.options, progress_for=lambda view: on_slice, cancel=cancel.is_set,
+                            references=pool)
+
+        def write(path: Path, case: Any, result: Any) -> list[Path]:
+            return write_case_outputs(case, result, job.out, case_id_of(path))
+
+        # As infer: the next case loads and the previous one is written in background threads while one runs.
+        run_cases(job.cases, CaseSteps(lambda path: load_case(path, modalities=job.options.modalities_to_load),
+                                       compute, write, slim=without_images),
+                  fatal=lambda outcome: True)
         write_run_summary(job.out, method.describe(), job.options, getattr(method, "weights_source", None),
                           [case_id_of(p) for p in job.cases])
         if on_case:

@@ -13,12 +13,14 @@ import nibabel as nib
 import numpy as np
 
 from ..io import Case, Geometry
+from ..io.header import MAP_PROVENANCE, MASK_PROVENANCE
 
 LayerData = tuple[Any, dict[str, Any], str]
 """napari's ``(data, kwargs, layer_type)`` tuple."""
 
-MAP_KIND = "anomaly_map"
-MASK_KIND = "anomaly_mask"
+MAP_KIND = MAP_PROVENANCE
+MASK_KIND = MASK_PROVENANCE
+"""Layer metadata ``kind`` of anomaly maps and masks (the same words as the files' header provenance)."""
 
 _XYZ_FROM_ZYX = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 """Voxel (x, y, z) -> (z, y, x) index swap."""

@@ -8,6 +8,7 @@ path that turns out broken raises one readable :class:`~napari_clip_ad.errors.In
 from __future__ import annotations
 
 from collections.abc import Callable
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import Geometry, find_cases, load_case, read_nifti
+from ..io.header import MAP_PROVENANCE, MASK_PROVENANCE, read_provenance
 from ..io.nifti import check_finite, strip_nifti_ext
 from .layers import LayerData, case_layers, map_kwargs, mask_kwargs, placement
 
@@ -79,8 +81,9 @@ def read_nifti_file(path: str | Path) -> list[LayerData]:
     """One NIfTI volume as an Image (or Labels, for segmentations and masks) layer in canonical orientation.
 
     A Decathlon 4D case file (``imagesTr/<id>.nii.gz``) is read as its whole case. Anomaly maps and
-    masks written by ``napari-clip-ad infer`` (``<id>_anomaly.nii.gz``, ``<id>_mask.nii.gz``) come
-    back with the plugin's display settings.
+    masks written by ``napari-clip-ad infer`` or the plugin's writer (named ``<id>_anomaly.nii.gz`` /
+    ``<id>_mask.nii.gz``, or under any name when the header carries our provenance) come back as the
+    widgets make them: display settings, ``kind``, case id, threshold and minimum component.
     """
     path = Path(path)
     data, img = read_nifti(path, ndim=None)
@@ -94,15 +97,54 @@ def read_nifti_file(path: str | Path) -> list[LayerData]:
     stem = strip_nifti_ext(path.name)
     meta = {"geometry": geometry, "case_id": stem, "source": str(path)}
     where = placement(geometry)
-    if _looks_like_map(stem, canonical):
+    ours = read_provenance(img.header)
+    kind = ours.get("kind") if ours else None
+    if kind == MAP_PROVENANCE or (kind is None and _looks_like_map(stem, canonical)):
+        if not np.issubdtype(canonical.dtype, np.floating):
+            raise InputError(f"{path}: marked as an anomaly map but holds {canonical.dtype} voxels; give the float map")
+        meta = {**meta, **result_metadata(path, stem, "_anomaly", ours)}
         kwargs = map_kwargs(stem, meta, where["scale"], where["translate"])
         return [(canonical.astype(np.float32, copy=False), kwargs, "image")]
+    if kind == MASK_PROVENANCE or (kind is None and stem.endswith("_mask") and _looks_like_labels(stem, canonical)):
+        meta = {**meta, **result_metadata(path, stem, "_mask", ours)}
+        return [(canonical.astype(np.uint8), mask_kwargs(stem, meta, where["scale"], where["translate"]), "labels")]
     if _looks_like_labels(stem, canonical):
         labels = canonical.astype(np.int32 if canonical.max(initial=0) > np.iinfo(np.int16).max else np.int16)
-        if stem.endswith("_mask"):
-            return [(labels.astype(np.uint8), mask_kwargs(stem, meta, where["scale"], where["translate"]), "labels")]
         return [(labels, {"name": stem, **where, "metadata": {**meta, "kind": "segmentation"}, "opacity": 0.5}, "labels")]
     return [(canonical.astype(np.float32, copy=False), {"name": stem, **where, "metadata": meta}, "image")]
+
+
+def result_metadata(path: Path, stem: str, suffix: str, ours: dict[str, str] | None) -> dict[str, Any]:
+    """Layer metadata of a reopened map or mask, as a fresh result has it (as far as the file tells).
+
+    The case id, threshold, minimum component and method come from our header provenance, else from
+    ``infer``'s names (``<id>_anomaly``) and its ``<id>_metrics.json`` beside the file. A map and a mask of
+    the same case in the same folder share a ``link``, so the threshold widget writes into that mask.
+    """
+    ours = ours or {}
+    case_id = ours.get("case") or (stem[: -len(suffix)] if stem.endswith(suffix) and len(stem) > len(suffix) else stem)
+    meta: dict[str, Any] = {"case_id": case_id, "link": f"file:{path.parent.resolve() / case_id}",
+}
+    record: dict[str, Any] = {}
+    metrics = path.parent / f"{case_id}_metrics.json"
+    if metrics.is_file():
+        try:
+            record = json.loads(metrics.read_text())
+        except (OSError, ValueError):
+            record = {}
+    threshold = ours.get("thr", record.get("threshold"))
+    minimum = ours.get("minc", record.get("min_component"))
+    try:
+        if threshold is not None:
+            meta["threshold"] = float(threshold)
+        if minimum is not None:
+            meta["min_component"] = int(minimum)
+    except (TypeError, ValueError):
+        pass  # a hand-edited header or record: the widget's defaults apply
+    method = ours.get("method", record.get("method"))
+    if method is not None:
+        meta["method"] = str(method)
+    return meta
 
 
 def _looks_like_map(stem: str, data: np.ndarray) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import save_volume
+from ..io.header import MAP_PROVENANCE, MASK_PROVENANCE, provenance_text
 from .layers import geometry_from_placement, stored_geometry
 
 
@@ -34,7 +35,18 @@ def write_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     if geometry is None:
         ndim = array.ndim
         geometry = geometry_from_placement(array.shape, meta.get("scale") or (1.0,) * ndim, meta.get("translate") or (0.0,) * ndim)
-    return [str(save_volume(array, geometry, _output_path(path)))]
+    return [str(save_volume(array, geometry, _output_path(path), layer_provenance(meta.get("metadata") or {})))]
+
+
+def layer_provenance(metadata: dict[str, Any]) -> str | None:
+    """The header provenance of an anomaly map or mask layer (so the reader recognises the file); None otherwise."""
+    kind = metadata.get("kind")
+    if kind not in (MAP_PROVENANCE, MASK_PROVENANCE):
+        return None
+    threshold = metadata.get("threshold")
+    return provenance_text(str(kind), thr=None if threshold is None else repr(float(threshold)),
+                           minc=metadata.get("min_component"), case=metadata.get("case_id"),
+                           method=metadata.get("method"))
 
 
 def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:

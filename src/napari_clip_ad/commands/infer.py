@@ -6,12 +6,16 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from ..atomic import write_json
 from ..errors import Cancelled, ClipAdError, InputError, OutputError
 from ..io import case_id_of, find_cases, load_case
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.overlap import CaseOutcome, CaseSteps
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="square input size (default 240, the study's; 224 for anomalydino/musc in cross-subject mode)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--serial-io", action="store_true",
+                   help="load, run and write each case in turn (default: load the next case and write the previous "
+                        "one in background threads while a case runs; same files)")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="run only shard K of N (every N-th case of the sorted cohort) into the shared --out; then --merge")
     p.add_argument("--merge", action="store_true",
@@ -59,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from ..outputs import CohortLog, check_output_folder, gather_cohort_logs, rank_output_lock
 
     from ..cohort import finish_shard, parse_shard, shard_cases, start_shard
+    from ..engine.overlap import run_cases
 
     if args.merge:
         return _merge(args)
@@ -87,19 +95,28 @@ def run(args: argparse.Namespace) -> int:
         if shard and ranks.main:
             start_shard(args.out, shard, shard_cases(all_cases, shard), summary)
         log, written = CohortLog(), []
-        for path in tqdm(cases, desc="cases", unit="case", file=sys.stderr, disable=True if len(cases) < 2 else None):
-            try:
-                files = _infer_case(path, method, options, args.out, pool)
-            except (OutputError, Cancelled):
-                raise
-            except Exception as exc:  # a broken case: the cohort goes on; a single case fails as before
-                if len(all_cases) == 1:
-                    raise
-                reason = str(exc) if isinstance(exc, ClipAdError) else f"{type(exc).__name__}: {exc}"
-                log.failure(case_id_of(path), reason)
-                continue
-            log.success(case_id_of(path), files)
-            written.extend(files)
+        single = len(all_cases) == 1
+
+        def record(outcome: CaseOutcome) -> None:
+            case_id = case_id_of(outcome.path)
+            if outcome.ok:
+                log.success(case_id, outcome.files)
+                written.extend(outcome.files)
+                return
+            exc = outcome.error
+            log.failure(case_id, str(exc) if isinstance(exc, ClipAdError) else f"{type(exc).__name__}: {exc}")
+
+        def fatal(outcome: CaseOutcome) -> bool:
+            # A write failure (full or read-only disk) and a cancel stop the run; a broken case does not,
+            # except when it is the only one (it fails as before).
+            return single or isinstance(outcome.error, (OutputError, Cancelled))
+
+        bar = tqdm(total=len(cases), desc="cases", unit="case", file=sys.stderr, disable=True if len(cases) < 2 else None)
+        try:
+            run_cases(cases, case_steps(method, options, args.out, pool), overlap=not getattr(args, "serial_io", False),
+                      fatal=fatal, on_outcome=lambda outcome: (record(outcome), bar.update(1)))
+        finally:
+            bar.close()
         log = gather_cohort_logs(log, args.out, ranks)
         if ranks.main and shard:  # a shard records itself; 'infer --merge' writes infer.json for the union
             finish_shard(args.out, shard, shard_cases(all_cases, shard), summary)  # failed cases: missing at --merge
@@ -112,38 +129,56 @@ def run(args: argparse.Namespace) -> int:
     return log.exit_code
 
 
-def _infer_case(path: Path, method, options, out: Path, pool=None) -> list[Path]:  # noqa: ANN001
-    """Load, run and save one case; on failure its files of this run are removed (all or nothing)."""
-    from ..engine.pipeline import CASE_OUTPUT_SUFFIXES, run_case, write_case_outputs
+def case_steps(method, options, out: Path, pool=None) -> CaseSteps:  # noqa: ANN001
+    """Load, run and write steps of one case as ``infer`` does them (for :func:`~..engine.overlap.run_cases`)."""
+    from ..engine.overlap import CaseSteps, without_images
 
-    case = load_case(path, modalities=options.modalities_to_load)
-    bars: list[tqdm] = []
+    def load(path: Path):  # noqa: ANN202
+        return load_case(path, modalities=options.modalities_to_load)
 
-    def progress_for(view: str, case_id: str = case.case_id):
-        label = case_id if len(options.views) == 1 else f"{case_id} {view}"
-        bar = tqdm(total=0, desc=label, unit="slice", file=sys.stderr, leave=False, disable=None)
-        bars.append(bar)
+    def compute(path: Path, case):  # noqa: ANN001, ANN202
+        from ..engine.pipeline import run_case
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
+        bars: list[tqdm] = []
 
-        return progress
+        def progress_for(view: str, case_id: str = case.case_id):
+            label = case_id if len(options.views) == 1 else f"{case_id} {view}"
+            bar = tqdm(total=0, desc=label, unit="slice", file=sys.stderr, leave=False, disable=None)
+            bars.append(bar)
 
-    try:
-        result = run_case(case, method, options, progress_for=progress_for, references=pool)
-    finally:
-        for bar in bars:
-            bar.close()
-    stem = out / case_id_of(path)
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            return progress
+
+        try:
+            return run_case(case, method, options, progress_for=progress_for, references=pool)
+        finally:
+            for bar in bars:
+                bar.close()
+
+    def write(path: Path, case, result) -> list[Path]:  # noqa: ANN001
+        return write_outputs(result, case, out / case_id_of(path))
+
+    return CaseSteps(load, compute, write, slim=without_images)
+
+
+def write_outputs(result, case, stem: Path) -> list[Path]:  # noqa: ANN001
+    """Write one case's files; on failure its files of this run are removed (all or nothing).
+
+    A :class:`ClipAdError` while writing becomes an :class:`OutputError` (full or read-only disk: it stops the run).
+    """
+    from ..engine.pipeline import CASE_OUTPUT_SUFFIXES, write_case_outputs
+
     try:
         return write_case_outputs(result, case, stem)
     except BaseException as exc:
         for suffix in CASE_OUTPUT_SUFFIXES:
             Path(f"{stem}{suffix}").unlink(missing_ok=True)
         if isinstance(exc, ClipAdError) and not isinstance(exc, OutputError):
-            raise OutputError(str(exc)) from None  # a write failure (full or read-only disk) stops the whole run
+            raise OutputError(str(exc)) from None
         raise
 
 

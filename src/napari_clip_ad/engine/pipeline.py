@@ -240,8 +240,13 @@ def write_case_outputs(result: CaseResult, case: Case, stem: str | Path) -> list
     from ..io.slice_scores import write_axial_scores
     from ..metrics import volume_metrics
 
-    written = [save_volume(result.anomaly_map, case, f"{stem}_anomaly.nii.gz"),
-               save_volume(result.mask, case, f"{stem}_mask.nii.gz")]
+    from ..io.header import MAP_PROVENANCE, MASK_PROVENANCE, provenance_text
+
+    # The header says what the file is, so a reader recognises the map under any name (napari's reader does).
+    fields = {"thr": repr(float(result.options.threshold)), "minc": int(result.options.min_component),
+              "case": case.case_id, "method": result.info.get("method")}
+    written = [save_volume(result.anomaly_map, case, f"{stem}_anomaly.nii.gz", provenance_text(MAP_PROVENANCE, **fields)),
+               save_volume(result.mask, case, f"{stem}_mask.nii.gz", provenance_text(MASK_PROVENANCE, **fields))]
     written += write_axial_scores(stem, case.case_id, result.options.views, result.views)
     if case.whole_tumour is not None:
         metrics = volume_metrics(result.mask.astype(bool), case.whole_tumour)

@@ -261,7 +261,7 @@ def _load_brain_mask(found: _Found, geometry: Geometry, files: dict[str, Path], 
     return brain
 
 
-def save_volume(array: np.ndarray, like: Case | Geometry, path: str | Path) -> Path:
+def save_volume(array: np.ndarray, like: Case | Geometry, path: str | Path, provenance: str | None = None) -> Path:
     """Write a canonical array as NIfTI aligned with a case's source files (same affine, shape, axes).
 
     Args:
@@ -269,6 +269,7 @@ def save_volume(array: np.ndarray, like: Case | Geometry, path: str | Path) -> P
             as uint8, float16 as float32).
         like: The case (or geometry) it belongs to.
         path: Output ``.nii.gz`` / ``.nii`` path; written atomically (nothing is left on failure).
+        provenance: Header ``descrip`` marking the file as ours (:func:`napari_clip_ad.io.header.provenance_text`).
 
     Returns:
         The path written.
@@ -277,7 +278,7 @@ def save_volume(array: np.ndarray, like: Case | Geometry, path: str | Path) -> P
         InputError: Wrong shape, a dtype NIfTI cannot hold, a bad name, or a path that cannot be written.
     """
     geometry = like.geometry if isinstance(like, Case) else like
-    return save_nifti(array, geometry, path)
+    return save_nifti(array, geometry, path, provenance)
 
 
 def case_id_of(path: str | Path) -> str:

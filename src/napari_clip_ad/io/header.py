@@ -228,3 +228,47 @@ def inspect_header(blob: bytes, image_class: type[nib.Nifti1Image], path: Path) 
         raise InputError(f"{path}: the header declares {what}; reading it needs about {_size(declared.memory_bytes)} "
                          f"of memory and only {_size(free)} is available; free memory or use a smaller image")
     return declared
+
+
+# --- our provenance in the header of the files we write -------------------------------------------------
+PROVENANCE_TAG = "napari-clip-ad"
+"""First word of the ``descrip`` field of an anomaly map or mask this package wrote."""
+MAP_PROVENANCE, MASK_PROVENANCE = "anomaly_map", "anomaly_mask"
+_DESCRIP_BYTES = 80
+
+
+def provenance_text(kind: str, **fields: object) -> str:
+    """``descrip`` text marking a file as ours: ``napari-clip-ad <kind> key=value ...`` (at most 80 bytes).
+
+    The package writes ``thr`` (threshold), ``minc`` (minimum component), ``case`` and ``method``.
+
+    Fields whose value is None are left out; fields that do not fit are dropped from the end, so the kind
+    (what the reader needs) always fits. Values must not contain spaces (they are replaced by '_').
+    """
+    text = f"{PROVENANCE_TAG} {kind}"
+    for key, value in fields.items():
+        if value is None:
+            continue
+        item = f" {key}={str(value).replace(' ', '_')}"
+        if len((text + item).encode("ascii", "replace")) > _DESCRIP_BYTES:
+            break
+        text += item
+    return text
+
+
+def read_provenance(header: nib.Nifti1Header) -> dict[str, str] | None:
+    """Our provenance in a header: ``{"kind": ..., key: value, ...}``, or None when the file is not marked as ours."""
+    try:
+        raw = header["descrip"].item()
+    except (KeyError, ValueError, AttributeError):
+        return None
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
+    words = text.strip("\x00 ").split()
+    if len(words) < 2 or words[0] != PROVENANCE_TAG:
+        return None
+    record = {"kind": words[1]}
+    for word in words[2:]:
+        key, sep, value = word.partition("=")
+        if sep:
+            record[key] = value
+    return record

@@ -25,7 +25,7 @@ from nibabel.spatialimages import HeaderDataError
 
 from ..atomic import atomic_path
 from ..errors import InputError
-from .header import DeclaredImage, check_affine, inspect_header
+from .header import DeclaredImage, check_affine, inspect_header, read_provenance
 
 CANONICAL_AXCODES: tuple[str, str, str] = ("S", "P", "L")
 
@@ -287,11 +287,13 @@ _SAVE_AS: dict[np.dtype, np.dtype] = {np.dtype(bool): np.dtype(np.uint8), np.dty
 """dtypes NIfTI cannot hold, and what they are stored as."""
 
 
-def save_nifti(data: np.ndarray, geometry: Geometry, path: str | Path) -> Path:
+def save_nifti(data: np.ndarray, geometry: Geometry, path: str | Path, provenance: str | None = None) -> Path:
     """Write a canonical array as NIfTI in the source layout, with the source affine, atomically.
 
     Booleans are stored as uint8 and float16 as float32; other dtypes are kept. Nothing is left at
-    ``path`` (or beside it) when writing fails.
+    ``path`` (or beside it) when writing fails. ``provenance`` (see :func:`.header.provenance_text`) goes
+    into the header's ``descrip``; without it, a ``descrip`` of ours inherited from the source header is
+    cleared (a file is marked as a map only when it is one).
     """
     path = Path(path)
     if not path.name.endswith((".nii.gz", ".nii")):
@@ -314,6 +316,10 @@ def save_nifti(data: np.ndarray, geometry: Geometry, path: str | Path) -> Path:
     img.set_sform(geometry.affine, code=int(geometry.header["sform_code"]) or 1)
     # Scaling from the source header would distort floats and labels: store values as given.
     img.header.set_slope_inter(1.0, 0.0)
+    if provenance is not None:
+        img.header["descrip"] = provenance.encode("ascii", "replace")[:80]
+    elif read_provenance(img.header) is not None:
+        img.header["descrip"] = b""
     try:
         with atomic_path(path) as tmp:
             nib.save(img, str(tmp))
