@@ -223,14 +223,14 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "device": (lambda v: isinstance(v, str) and v != "", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
     "stop_after_epoch": (lambda v: v is None or (_is_int(v) and v >= 1), f"null or {_WHOLE} >= 1"),
     "stages": (lambda v: v is None or _stages_ok(v),
-               "null or an object with text_epochs (>= 0), text_batch_size (>= 1), text_lr (> 0), milestones (list of "
+               "null or an object with text_epochs (>= 1; train.py's text_epoch 0, the unadapted text tower, is not offered), text_batch_size (>= 1), text_lr (> 0), milestones (list of "
                "steps), gamma (> 0), text_norm_weight (>= 0)"),
 }
 
 
 def _stages_ok(value: Any) -> bool:
     keys = {"text_epochs", "text_batch_size", "text_lr", "milestones", "gamma", "text_norm_weight"}
-    return (isinstance(value, dict) and set(value) == keys and _is_int(value["text_epochs"]) and value["text_epochs"] >= 0
+    return (isinstance(value, dict) and set(value) == keys and _is_int(value["text_epochs"]) and value["text_epochs"] >= 1
             and _is_int(value["text_batch_size"]) and value["text_batch_size"] >= 1
             and _is_number(value["text_lr"]) and value["text_lr"] > 0 and _is_number(value["gamma"]) and value["gamma"] > 0
             and _is_number(value["text_norm_weight"]) and value["text_norm_weight"] >= 0
