@@ -118,6 +118,20 @@ def test_deep_prompts_replace_the_hidden_states_entering_a_layer(reference):
     assert (other - plain).abs().max() > max(1e-5, 50 * float((same - plain).abs().max()))
 
 
+def test_edits_leaving_a_layer_equal_edits_entering_the_next_and_unprojected_pooling(reference):
+    """The hooks AA-CLIP-style residual text adapters need: after layer i == before layer i + 1; pooled [CLS] unprojected."""
+    tokens = _tokenizer()(SENTENCES)
+    double = lambda h: h * 1.5  # noqa: E731
+    with torch.no_grad():
+        after = encode_hf_text(reference, tokens, layer_output=lambda i, h: double(h) if i == 2 else h)
+        before = encode_hf_text(reference, tokens, layer_input=lambda i, h: double(h) if i == 3 else h)
+        torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+        assert (after - reference.encode_text(tokens)).abs().max() > 1e-4
+        pooled = encode_hf_text(reference, tokens, project=False)
+        torch.testing.assert_close(reference.text.proj(pooled), reference.encode_text(tokens), atol=1e-5, rtol=1e-5)
+    assert pooled.shape == (len(SENTENCES), 32)
+
+
 def _tokenizer():
     import open_clip
 
