@@ -162,6 +162,8 @@ def test_every_clip_method_runs_on_biomedclip_and_a_slice_alone_equals_the_batch
     assert out.maps.std() > 0  # a real map, not a constant
     torch.testing.assert_close(alone.maps[0], out.maps[1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(alone.scores[0], out.scores[1], atol=1e-5, rtol=1e-4)
+    towers = method.describe()["backbone_towers"]
+    assert towers["text"] == "hf" and "converted" in towers["visual"]
 
 
 def test_anomalyclip_learned_context_equal_to_the_words_gives_the_plain_text_feature(tiny):
