@@ -55,7 +55,9 @@ def tiny():
 
 
 def test_converted_trunk_equals_open_clips_timm_tower(reference):
+    state = torch.random.get_rng_state()
     visual = convert_timm_visual(reference.visual)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         expected = reference.encode_image(images)
