@@ -309,3 +309,17 @@ def test_study_biomedclip_setup_runs_the_tiny_twin(cohort, tmp_path):
     assert done["trained"] and done["config"]["backbone"] == "tiny-biomedclip" and done["weights"].endswith(".safetensors")
     with open(out / "report" / "table1.csv") as handle:
         assert {(r["method"], r["setup"]) for r in csv.DictReader(handle)} == {("vand", "biomedclip")}
+
+
+@pytest.mark.parametrize("name", [n for n in CLIP_METHODS if method_class(n).supports_references])
+def test_few_shot_on_biomedclip_and_back_to_zero_shot_bitwise(name):
+    method = build_method(name, "tiny-biomedclip", image_size=112, device="cpu")
+    generator = torch.Generator().manual_seed(2)
+    images, references = torch.randn(2, 3, 112, 112, generator=generator), torch.randn(2, 3, 112, 112, generator=generator)
+    zero = method.predict(images)
+    method.set_references(references)
+    few = method.predict(images)
+    assert method.n_references == 2 and torch.isfinite(few.maps).all() and not torch.equal(few.maps, zero.maps)
+    method.set_references(None)
+    again = method.predict(images)
+    assert torch.equal(again.maps, zero.maps) and torch.equal(again.scores, zero.scores)
