@@ -55,7 +55,9 @@ def tiny():
 
 
 def test_converted_trunk_equals_open_clips_timm_tower(reference):
+    state = torch.random.get_rng_state()
     visual = convert_timm_visual(reference.visual)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         expected = reference.encode_image(images)
@@ -118,6 +120,20 @@ def test_deep_prompts_replace_the_hidden_states_entering_a_layer(reference):
     assert (other - plain).abs().max() > max(1e-5, 50 * float((same - plain).abs().max()))
 
 
+def test_edits_leaving_a_layer_equal_edits_entering_the_next_and_unprojected_pooling(reference):
+    """The hooks AA-CLIP-style residual text adapters need: after layer i == before layer i + 1; pooled [CLS] unprojected."""
+    tokens = _tokenizer()(SENTENCES)
+    double = lambda h: h * 1.5  # noqa: E731
+    with torch.no_grad():
+        after = encode_hf_text(reference, tokens, layer_output=lambda i, h: double(h) if i == 2 else h)
+        before = encode_hf_text(reference, tokens, layer_input=lambda i, h: double(h) if i == 3 else h)
+        torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+        assert (after - reference.encode_text(tokens)).abs().max() > 1e-4
+        pooled = encode_hf_text(reference, tokens, project=False)
+        torch.testing.assert_close(reference.text.proj(pooled), reference.encode_text(tokens), atol=1e-5, rtol=1e-5)
+    assert pooled.shape == (len(SENTENCES), 32)
+
+
 def _tokenizer():
     import open_clip
 
@@ -148,6 +164,8 @@ def test_every_clip_method_runs_on_biomedclip_and_a_slice_alone_equals_the_batch
     assert out.maps.std() > 0  # a real map, not a constant
     torch.testing.assert_close(alone.maps[0], out.maps[1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(alone.scores[0], out.scores[1], atol=1e-5, rtol=1e-4)
+    towers = method.describe()["backbone_towers"]
+    assert towers["text"] == "hf" and "converted" in towers["visual"]
 
 
 def test_anomalyclip_learned_context_equal_to_the_words_gives_the_plain_text_feature(tiny):
@@ -291,3 +309,17 @@ def test_study_biomedclip_setup_runs_the_tiny_twin(cohort, tmp_path):
     assert done["trained"] and done["config"]["backbone"] == "tiny-biomedclip" and done["weights"].endswith(".safetensors")
     with open(out / "report" / "table1.csv") as handle:
         assert {(r["method"], r["setup"]) for r in csv.DictReader(handle)} == {("vand", "biomedclip")}
+
+
+@pytest.mark.parametrize("name", [n for n in CLIP_METHODS if method_class(n).supports_references])
+def test_few_shot_on_biomedclip_and_back_to_zero_shot_bitwise(name):
+    method = build_method(name, "tiny-biomedclip", image_size=112, device="cpu")
+    generator = torch.Generator().manual_seed(2)
+    images, references = torch.randn(2, 3, 112, 112, generator=generator), torch.randn(2, 3, 112, 112, generator=generator)
+    zero = method.predict(images)
+    method.set_references(references)
+    few = method.predict(images)
+    assert method.n_references == 2 and torch.isfinite(few.maps).all() and not torch.equal(few.maps, zero.maps)
+    method.set_references(None)
+    again = method.predict(images)
+    assert torch.equal(again.maps, zero.maps) and torch.equal(again.scores, zero.scores)

@@ -140,14 +140,15 @@ def convert_timm_visual(visual: nn.Module) -> nn.Module:
     mlp_ratio = first.mlp.fc1.out_features / width
     grid = trunk.patch_embed.grid_size
     layer_scale = any(hasattr(b.ls1, "gamma") for b in blocks)
-    converted = VisionTransformer(
-        image_size=(grid[0] * patch.kernel_size[0], grid[1] * patch.kernel_size[1]), patch_size=patch.kernel_size[0],
-        width=width, layers=len(blocks), heads=heads, mlp_ratio=mlp_ratio, ls_init_value=1.0 if layer_scale else None,
-        output_dim=proj_layer.out_features, no_ln_pre=isinstance(trunk.norm_pre, nn.Identity), pool_type="tok",
-        act_layer=nn.GELU, norm_layer=partial(LayerNorm, eps=eps),
-    )
-    # timm's patch embedding has a bias; open_clip's conv1 has none: a biased conv of the same shape.
-    converted.conv1 = nn.Conv2d(3, width, kernel_size=patch.kernel_size, stride=patch.stride, bias=patch.bias is not None)
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten below: leave the caller's RNG as it was
+        converted = VisionTransformer(
+            image_size=(grid[0] * patch.kernel_size[0], grid[1] * patch.kernel_size[1]), patch_size=patch.kernel_size[0],
+            width=width, layers=len(blocks), heads=heads, mlp_ratio=mlp_ratio, ls_init_value=1.0 if layer_scale else None,
+            output_dim=proj_layer.out_features, no_ln_pre=isinstance(trunk.norm_pre, nn.Identity), pool_type="tok",
+            act_layer=nn.GELU, norm_layer=partial(LayerNorm, eps=eps),
+        )
+        # timm's patch embedding has a bias; open_clip's conv1 has none: a biased conv of the same shape.
+        converted.conv1 = nn.Conv2d(3, width, kernel_size=patch.kernel_size, stride=patch.stride, bias=patch.bias is not None)
     converted.conv1.load_state_dict(patch.state_dict())
     converted.class_embedding.copy_(trunk.cls_token.reshape(-1))
     converted.positional_embedding.copy_(trunk.pos_embed.reshape(-1, width))

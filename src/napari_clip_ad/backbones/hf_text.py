@@ -23,8 +23,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-LayerInput = Callable[[int, torch.Tensor], torch.Tensor]
-"""``(encoder layer index, hidden states (N, L, W)) -> hidden states`` applied before that layer."""
+LayerEdit = Callable[[int, torch.Tensor], torch.Tensor]
+"""``(encoder layer index, hidden states (N, L, W)) -> hidden states``, applied entering or leaving that layer."""
+LayerInput = LayerEdit
 
 
 def is_hf_text(clip: nn.Module) -> bool:
@@ -66,8 +67,10 @@ def encode_hf_text(
     clip: nn.Module,
     tokens: torch.Tensor,
     inputs_embeds: torch.Tensor | None = None,
-    layer_input: LayerInput | None = None,
+    layer_input: LayerEdit | None = None,
     prompt_slots: int = 0,
+    layer_output: LayerEdit | None = None,
+    project: bool = True,
 ) -> torch.Tensor:
     """(N, E) projected features, as ``HFTextEncoder.forward`` with optional prompt edits, truncated.
 
@@ -77,9 +80,13 @@ def encode_hf_text(
         inputs_embeds: (N, context or shorter, W) word embeddings to use instead of the ids' (learned context).
         layer_input: Edit of the hidden states entering each encoder layer (deep prompts).
         prompt_slots: Positions 1..prompt_slots hold prompts: always attended.
+        layer_output: Edit of the hidden states leaving each encoder layer (residual adapters after a block,
+            as AA-CLIP's text adapters; BERT's layers end with their LayerNorm).
+        project: False returns the pooled (N, W) hidden state without the tower's projection (a method's
+            own head replaces it, as AA-CLIP's ``text_adapter[-1]`` replaces CLIP's ``text_projection``).
 
     Returns:
-        (N, E) features, not normalised, in the tower's dtype.
+        (N, E) features (or (N, W) pooled states), not normalised, in the tower's dtype.
     """
     text = clip.text
     pad = text.config.pad_token_id
@@ -101,6 +108,15 @@ def encode_hf_text(
             return hook
 
         hooks = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(_encoder_layers(clip))]
+    if layer_output is not None:
+        def make_output_hook(index: int):  # noqa: ANN202 - forward hook
+            def hook(_module, _args, output):  # noqa: ANN001, ANN202
+                if isinstance(output, tuple):  # transformers < 5 returns (hidden, ...)
+                    return (layer_output(index, output[0]), *output[1:])
+                return layer_output(index, output)
+            return hook
+
+        hooks += [layer.register_forward_hook(make_output_hook(i)) for i, layer in enumerate(_encoder_layers(clip))]
     try:
         if inputs_embeds is None:
             out = text.transformer(input_ids=tokens, attention_mask=mask)
@@ -109,7 +125,8 @@ def encode_hf_text(
     finally:
         for handle in hooks:
             handle.remove()
-    return text.proj(text.pooler(out, mask))
+    pooled = text.pooler(out, mask)
+    return text.proj(pooled) if project else pooled
 
 
 def replace_slots(hidden: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:

@@ -300,4 +300,7 @@ class AnomalyMethod(nn.Module):
             "options": {k: v for k, v in self.config.items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))},
             **({"layers_from": self.layers_origin} if getattr(self, "layers_origin", None) else {}),
             **({"k_shot": self.n_references} if self.supports_references else {}),
+            # BiomedCLIP-style backbones: how their timm trunk / HF text tower are run (absent for open_clip ViTs).
+            **({"backbone_towers": {k: self.backbone.info[k] for k in ("visual", "text") if k in self.backbone.info}}
+               if any(k in self.backbone.info for k in ("visual", "text")) else {}),
         }
