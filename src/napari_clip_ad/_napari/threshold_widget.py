@@ -49,6 +49,10 @@ SETTLE_MS = 250
 """During a drag only what is on screen follows the threshold (2D: the viewed slice of mask and overlay and its
 Dice; 3D: the map's iso-surface); the whole-volume mask, overlay, metrics and plot follow once it rests this long."""
 SETTLE_3D_MS = SETTLE_MS
+LIVE_3D_RENDERING = "mip"
+LIVE_3D_WINDOW = 1e-3
+"""In 3D the map is drawn as a MIP with contrast limits [threshold, threshold + this]: bright where a voxel on the ray
+is at or above the threshold, i.e. the projection of the mask, changed by a uniform (no upload)."""
 OVERLAY_KIND = "error_overlay"
 AXIS_NAMES = ("axial", "coronal", "sagittal")
 
@@ -208,15 +212,25 @@ class ThresholdWidget(Container):
         return self.viewer.dims.ndisplay == 3
 
     def _on_threshold_changed(self, *_: Any) -> None:
-        """3D: move the map's iso-surface now (a uniform: no upload; Qt merges the repaints). 2D: draw the viewed
+        """3D: move the map's live view now (a uniform: no upload; Qt merges the repaints). 2D: draw the viewed
         slice at the latest value (coalesced: a drag never queues stale updates). Both: the whole volume once settled."""
         if self.in_3d:
-            map_layer = self.anomaly_map.value
-            if map_layer is not None and map_layer.rendering == "iso":
-                map_layer.iso_threshold = self.current_threshold
+            self._show_3d_threshold()
             self._apply_settled()
             return
         self._draw.request(self.current_threshold)
+
+    def _show_3d_threshold(self) -> None:
+        """The map's 3D view at the threshold: contrast limits [t, t + LIVE_3D_WINDOW] of its MIP (the projection
+        of the mask) or, when the user chose the iso-surface rendering, its iso threshold."""
+        map_layer = self.anomaly_map.value
+        if map_layer is None or id(map_layer) not in self._saved_3d:
+            return
+        threshold = self.current_threshold
+        if map_layer.rendering == "iso":
+            map_layer.iso_threshold = threshold
+        else:
+            map_layer.contrast_limits = (threshold, threshold + LIVE_3D_WINDOW)
 
     def _show_threshold(self, threshold: float) -> None:
         """The coalesced 2D step: the viewed slice now, the whole volume once the threshold rests."""
@@ -269,20 +283,29 @@ class ThresholdWidget(Container):
         return True
 
     def _on_ndisplay(self, *_: Any) -> None:
-        """In 3D show the mask as the map's iso-surface and hide the volume layers that would each cost a pass."""
+        """In 3D show the mask as a contrast-limit MIP of the map and hide the volume layers that would each cost a pass.
+
+        Measured on llvmpipe (docs/benchmarks.md): a frame of the map's MIP alone costs ~1/3 of map MIP + mask +
+        overlay and ~1/5 of the map's iso-surface. The user's rendering, contrast limits and visibilities come
+        back in 2D; a user who picks the iso-surface rendering in 3D gets its threshold moved instead.
+        """
         map_layer = self.anomaly_map.value
         if map_layer is None:
             return
         linked = [lay for lay in (self._linked(MASK_KIND), self._linked(OVERLAY_KIND)) if lay is not None]
         if self.in_3d:
             self._saved_3d = {id(lay): {"visible": lay.visible} for lay in linked}
-            self._saved_3d[id(map_layer)] = {"rendering": map_layer.rendering}
-            map_layer.rendering = "iso"
-            map_layer.iso_threshold = self.current_threshold
+            self._saved_3d[id(map_layer)] = {"rendering": map_layer.rendering,
+                                             "contrast_limits": tuple(map_layer.contrast_limits)}
+            map_layer.rendering = LIVE_3D_RENDERING
+            self._show_3d_threshold()
             for layer in linked:
                 layer.visible = False
         else:
-            map_layer.rendering = self._saved_3d.get(id(map_layer), {}).get("rendering", map_layer.rendering)
+            saved = self._saved_3d.get(id(map_layer), {})
+            map_layer.rendering = saved.get("rendering", map_layer.rendering)
+            if "contrast_limits" in saved:
+                map_layer.contrast_limits = saved["contrast_limits"]
             for layer in linked:
                 layer.visible = self._saved_3d.get(id(layer), {}).get("visible", layer.visible)
             self._saved_3d = {}
