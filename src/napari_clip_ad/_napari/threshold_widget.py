@@ -47,7 +47,7 @@ PLOT_SETTLE_MS = 150
 """The per-slice Dice plot is redrawn once the threshold rests this long (a matplotlib draw costs ~0.1-0.5 s)."""
 SETTLE_MS = 250
 """During a drag only what is on screen follows the threshold (2D: the viewed slice of mask and overlay and its
-Dice; 3D: the map's iso-surface); the whole-volume mask, overlay, metrics and plot follow once it rests this long."""
+Dice; 3D: the map's live view, see LIVE_3D_RENDERING); the whole-volume mask, overlay, metrics and plot follow once it rests this long."""
 SETTLE_3D_MS = SETTLE_MS
 LIVE_3D_RENDERING = "mip"
 LIVE_3D_WINDOW = 1e-3
@@ -234,7 +234,7 @@ class ThresholdWidget(Container):
 
     def _show_threshold(self, threshold: float) -> None:
         """The coalesced 2D step: the viewed slice now, the whole volume once the threshold rests."""
-        if self.in_3d:  # switched to 3D meanwhile: the iso-surface shows it
+        if self.in_3d:  # switched to 3D meanwhile: the map's live view shows it
             self._apply_settled()
             return
         if not self.preview_slice(threshold):
