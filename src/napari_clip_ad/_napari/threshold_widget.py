@@ -261,23 +261,23 @@ class ThresholdWidget(Container):
         if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape == anomaly_map.shape
                 and 0 <= index < anomaly_map.shape[axis]):
             return False
-        try:
-            gt = self._ground_truth_array()
-        except ClipAdError:
-            return False
+        gt_layer = self.ground_truth.value
+        if gt_layer is not None and tuple(gt_layer.data.shape) != anomaly_map.shape:
+            return False  # apply() reports the mismatch
         cut = (slice(None),) * axis + (index,)
+        gt = None if gt_layer is None else np.asarray(gt_layer.data[cut]) > 0  # this slice only
         threshold_mask(anomaly_map[cut], threshold, out=data[cut])
         mask.refresh(thumbnail=False, extent=False, highlight=False)
         region = self._region()
+        region = None if region is None else region[cut]
         overlay = self._linked(OVERLAY_KIND)
         if gt is not None and overlay is not None and overlay.visible and overlay.data.shape == data.shape:
-            error_overlay(data[cut], gt[cut], None if region is None else region[cut], out=overlay.data[cut])
+            error_overlay(data[cut], gt, region, out=overlay.data[cut])
             overlay.refresh(thumbnail=False, extent=False, highlight=False)
         from ..metrics import dice
 
         # A preview only: self.numbers (exported, plotted) keeps the last settled values until apply() runs.
-        shown = Numbers(threshold, slice_index=index,
-                        slice_dice=None if gt is None else dice(data[cut], gt[cut], None if region is None else region[cut]))
+        shown = Numbers(threshold, slice_index=index, slice_dice=None if gt is None else dice(data[cut], gt, region))
         self.slice_numbers.value = slice_text(shown, data.shape[axis])
         self.volume_numbers.value = f"threshold {threshold:.3f}: volume metrics follow when the slider rests..."
         return True
