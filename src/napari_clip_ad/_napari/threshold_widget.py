@@ -148,6 +148,16 @@ class ThresholdWidget(Container):
         layer = event.value
         if isinstance(layer, Image) and layer.metadata.get("kind") == MAP_KIND:
             self.anomaly_map.value = layer  # follow the newest result
+        elif self.ground_truth.value is None and self._same_case(layer):
+            self.ground_truth.value = layer  # the map's own segmentation, opened after the map
+
+    def _same_case(self, layer: Any) -> bool:
+        """Whether ``layer`` is a segmentation of the chosen map's case on the map's grid."""
+        map_layer = self.anomaly_map.value
+        case_id = None if map_layer is None else map_layer.metadata.get("case_id")
+        return (case_id is not None and isinstance(layer, Labels)
+                and layer.metadata.get("kind") not in (MASK_KIND, OVERLAY_KIND)
+                and layer.metadata.get("case_id") == case_id and layer.data.shape == map_layer.data.shape)
 
     def _on_map_changed(self, *_: Any) -> None:
         layer = self.anomaly_map.value
@@ -159,10 +169,8 @@ class ThresholdWidget(Container):
                 self.threshold.value = threshold
             wanted = layer.metadata.get("ground_truth_layer")
             match = next((lab for _, lab in self._labels_choices() if lab.name == wanted), None)
-            if match is None and layer.metadata.get("case_id") is not None:
-                match = next((lab for _, lab in self._labels_choices()
-                              if lab.metadata.get("case_id") == layer.metadata["case_id"]
-                              and lab.data.shape == layer.data.shape), None)
+            if match is None:
+                match = next((lab for _, lab in self._labels_choices() if self._same_case(lab)), None)
             if match is not None:
                 self.ground_truth.value = match
             brain = self._brain()
