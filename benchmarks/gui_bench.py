@@ -11,8 +11,10 @@ is the case's normalised T2-FLAIR (any [0, 1] map costs the same). Per display m
 Paths: 2D old = the whole volume per step (mask, error overlay, metrics: ``ThresholdWidget.apply``, as the
 throttled slider did); 2D new = the viewed slice of mask and overlay and its Dice (``preview_slice``, the
 coalesced draw of a drag), the whole volume once the drag rests (``settle``, once per drag, plot included).
-3D old = the map as a maximum-intensity projection with mask and overlay shown, ``apply`` per step; 3D new =
-the map's iso-surface at the threshold (a uniform), mask and overlay hidden, ``apply`` once settled.
+3D old = the map as a maximum-intensity projection with mask and overlay shown, ``apply`` per step; 3D iso =
+the map's iso-surface at the threshold (the previous default); 3D new = the map's MIP with contrast limits at
+the threshold (the projection of the mask), mask and overlay hidden; both change a uniform per step and
+``apply`` once settled.
 ``drag``: 30 value changes queued before the event loop turns (a fast drag), then the loop runs until the
 view has settled: how many slice draws and whole-volume updates it made, and the time to the settled view.
 
@@ -47,7 +49,7 @@ def main() -> int:
     from qtpy.QtWidgets import QApplication
 
     from napari_clip_ad._napari.layers import map_kwargs
-    from napari_clip_ad._napari.threshold_widget import SETTLE_MS
+    from napari_clip_ad._napari.threshold_widget import LIVE_3D_RENDERING, SETTLE_MS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", type=Path, default=CASE)
@@ -99,6 +101,10 @@ def main() -> int:
         widget._plot_soon.flush()
 
     def new_update_3d() -> None:
+        set_value(step())
+        widget._show_3d_threshold()  # what a slider step does in 3D (the whole volume follows once settled)
+
+    def iso_update_3d() -> None:
         value = step()
         set_value(value)
         map_layer.iso_threshold = value
@@ -112,10 +118,13 @@ def main() -> int:
             frame()  # the one frame showing the change (no event processing first, which would draw another)
         return run
 
-    def show_3d(old: bool) -> None:
-        map_layer.rendering = "mip" if old else "iso"
+    def show_3d(path: str) -> None:
+        map_layer.rendering = {"old": "mip", "new": LIVE_3D_RENDERING, "iso": "iso"}[path]
+        map_layer.contrast_limits = (0.0, 1.0)
         map_layer.iso_threshold = widget.current_threshold
-        mask.visible = overlay.visible = old
+        if path == "new":
+            widget._show_3d_threshold()
+        mask.visible = overlay.visible = path == "old"
         settle()
         frame()  # uploads what changed; not counted
 
@@ -149,9 +158,11 @@ def main() -> int:
     draws, applies, drag_time = drag()
     viewer.dims.ndisplay = 3
     repeats = max(2, args.repeats // 2)
-    for path, old, update in (("old (map MIP + mask + overlay, apply per step)", True, old_update),
-                              ("new (iso-surface, apply once settled)", False, new_update_3d)):
-        show_3d(old)
+    for path, shown, update in (("old (map MIP + mask + overlay, apply per step)", "old", old_update),
+                                ("iso-surface of the map (the previous default), apply once settled", "iso", iso_update_3d),
+                                ("new (map MIP at contrast limits [t, t + 0.001], apply once settled)", "new",
+                                 new_update_3d)):
+        show_3d(shown)
         cost = _median_seconds(update, repeats)
         plain3 = _median_seconds(frame, repeats)
         changed = _median_seconds(with_frame(update), repeats)

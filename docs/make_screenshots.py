@@ -98,6 +98,7 @@ def main() -> int:
     anomaly = threshold.anomaly_map.value
     anomaly.visible = False
     mask = threshold.mask_layer()
+    mask.visible = True  # the threshold widget hides it in 3D (its live view is the map's MIP): show it here
     mask.rendering = "iso_categorical"
     mask.opacity = 0.7
     viewer.reset_view()  # (resets the camera angles too: set them after)

@@ -118,3 +118,23 @@ def test_threshold_widget_takes_a_reopened_map(make_napari_viewer, case_dir, cas
     assert widget.ground_truth.value is viewer.layers[f"{CASE} seg"]  # same case id: pre-selected
     assert widget.current_threshold == pytest.approx(0.7)
     assert "Dice" in widget.volume_numbers.value and "Warning" not in widget.volume_numbers.value
+
+
+@pytest.mark.gui
+def test_the_case_opened_after_its_map_gives_the_ground_truth(make_napari_viewer, small_cohort, tmp_path):
+    from napari_clip_ad.engine.pipeline import write_case_outputs
+
+    case = load_case(small_cohort / CASE, modalities=["t2f"])
+    anomaly = np.linspace(0, 1, np.prod(case.shape), dtype=np.float32).reshape(case.shape)
+    write_case_outputs(_result(anomaly, 0.5), case, tmp_path / CASE)
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-clip-ad", "Threshold and metrics")
+    map_layer, = viewer.open(str(tmp_path / f"{CASE}_anomaly.nii.gz"), plugin="napari-clip-ad")
+    widget.flush()
+    assert widget.anomaly_map.value is map_layer and widget.ground_truth.value is None
+    viewer.open(str(small_cohort / "BraTS-GLI-00012-000"), plugin="napari-clip-ad")  # another case: not taken
+    assert widget.ground_truth.value is None
+    viewer.open(str(small_cohort / CASE), plugin="napari-clip-ad")  # the map's own case, opened afterwards
+    widget.flush()
+    assert widget.ground_truth.value is viewer.layers[f"{CASE} seg"]
+    assert "Dice" in widget.volume_numbers.value and "Warning" not in widget.volume_numbers.value

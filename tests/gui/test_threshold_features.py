@@ -154,24 +154,33 @@ def test_saving_two_layers_writes_two_aligned_files(make_napari_viewer, small_co
     np.testing.assert_array_equal(reopened.data, map_layer.data)
 
 
-def test_3d_drag_moves_the_iso_surface_and_materialises_once_settled(make_napari_viewer, small_cohort) -> None:
+def test_3d_drag_moves_the_live_view_and_materialises_once_settled(make_napari_viewer, small_cohort) -> None:
+    from napari_clip_ad._napari.threshold_widget import LIVE_3D_WINDOW
+
     viewer = make_napari_viewer()
     _, _, map_layer = _case_with_map(viewer, small_cohort)
     widget = _docked(viewer, "Threshold and metrics")
     widget.threshold.value = 0.5
     widget.flush()
     mask, overlay = _mask(viewer), _overlay(viewer)
+    rendering, limits = map_layer.rendering, tuple(map_layer.contrast_limits)
     viewer.dims.ndisplay = 3
-    # One volume pass per frame: the map's iso-surface at the threshold stands for the mask; mask and overlay hidden.
-    assert map_layer.rendering == "iso" and map_layer.iso_threshold == 0.5
+    # One volume pass per frame: the map's MIP with contrast limits at the threshold stands for the mask
+    # (the projection of map >= threshold); mask and overlay hidden.
+    assert map_layer.rendering == "mip"
+    assert tuple(map_layer.contrast_limits) == pytest.approx((0.5, 0.5 + LIVE_3D_WINDOW))
     assert not mask.visible and not overlay.visible
     before = mask.data.copy()
     for value in (0.45, 0.4, 0.35):  # a drag
         widget.threshold.value = value
-        assert map_layer.iso_threshold == value  # shown at once
+        assert tuple(map_layer.contrast_limits) == pytest.approx((value, value + LIVE_3D_WINDOW))  # shown at once
     np.testing.assert_array_equal(mask.data, before)  # not materialised during the drag
     widget.flush()  # the drag has settled
     np.testing.assert_array_equal(mask.data, map_layer.data >= np.float32(0.35))
     assert widget.numbers.threshold == 0.35
+    map_layer.rendering = "iso"  # the user's choice in 3D: its threshold follows instead
+    widget.threshold.value = 1.0
+    assert map_layer.iso_threshold == 1.0
     viewer.dims.ndisplay = 2
-    assert map_layer.rendering != "iso" and mask.visible and overlay.visible
+    assert map_layer.rendering == rendering and tuple(map_layer.contrast_limits) == pytest.approx(limits)
+    assert mask.visible and overlay.visible

@@ -47,8 +47,12 @@ PLOT_SETTLE_MS = 150
 """The per-slice Dice plot is redrawn once the threshold rests this long (a matplotlib draw costs ~0.1-0.5 s)."""
 SETTLE_MS = 250
 """During a drag only what is on screen follows the threshold (2D: the viewed slice of mask and overlay and its
-Dice; 3D: the map's iso-surface); the whole-volume mask, overlay, metrics and plot follow once it rests this long."""
+Dice; 3D: the map's live view, see LIVE_3D_RENDERING); the whole-volume mask, overlay, metrics and plot follow once it rests this long."""
 SETTLE_3D_MS = SETTLE_MS
+LIVE_3D_RENDERING = "mip"
+LIVE_3D_WINDOW = 1e-3
+"""In 3D the map is drawn as a MIP with contrast limits [threshold, threshold + this]: bright where a voxel on the ray
+is at or above the threshold, i.e. the projection of the mask, changed by a uniform (no upload)."""
 OVERLAY_KIND = "error_overlay"
 AXIS_NAMES = ("axial", "coronal", "sagittal")
 
@@ -144,6 +148,16 @@ class ThresholdWidget(Container):
         layer = event.value
         if isinstance(layer, Image) and layer.metadata.get("kind") == MAP_KIND:
             self.anomaly_map.value = layer  # follow the newest result
+        elif self.ground_truth.value is None and self._same_case(layer):
+            self.ground_truth.value = layer  # the map's own segmentation, opened after the map
+
+    def _same_case(self, layer: Any) -> bool:
+        """Whether ``layer`` is a segmentation of the chosen map's case on the map's grid."""
+        map_layer = self.anomaly_map.value
+        case_id = None if map_layer is None else map_layer.metadata.get("case_id")
+        return (case_id is not None and isinstance(layer, Labels)
+                and layer.metadata.get("kind") not in (MASK_KIND, OVERLAY_KIND)
+                and layer.metadata.get("case_id") == case_id and layer.data.shape == map_layer.data.shape)
 
     def _on_map_changed(self, *_: Any) -> None:
         layer = self.anomaly_map.value
@@ -155,10 +169,8 @@ class ThresholdWidget(Container):
                 self.threshold.value = threshold
             wanted = layer.metadata.get("ground_truth_layer")
             match = next((lab for _, lab in self._labels_choices() if lab.name == wanted), None)
-            if match is None and layer.metadata.get("case_id") is not None:
-                match = next((lab for _, lab in self._labels_choices()
-                              if lab.metadata.get("case_id") == layer.metadata["case_id"]
-                              and lab.data.shape == layer.data.shape), None)
+            if match is None:
+                match = next((lab for _, lab in self._labels_choices() if self._same_case(lab)), None)
             if match is not None:
                 self.ground_truth.value = match
             brain = self._brain()
@@ -208,19 +220,29 @@ class ThresholdWidget(Container):
         return self.viewer.dims.ndisplay == 3
 
     def _on_threshold_changed(self, *_: Any) -> None:
-        """3D: move the map's iso-surface now (a uniform: no upload; Qt merges the repaints). 2D: draw the viewed
+        """3D: move the map's live view now (a uniform: no upload; Qt merges the repaints). 2D: draw the viewed
         slice at the latest value (coalesced: a drag never queues stale updates). Both: the whole volume once settled."""
         if self.in_3d:
-            map_layer = self.anomaly_map.value
-            if map_layer is not None and map_layer.rendering == "iso":
-                map_layer.iso_threshold = self.current_threshold
+            self._show_3d_threshold()
             self._apply_settled()
             return
         self._draw.request(self.current_threshold)
 
+    def _show_3d_threshold(self) -> None:
+        """The map's 3D view at the threshold: contrast limits [t, t + LIVE_3D_WINDOW] of its MIP (the projection
+        of the mask) or, when the user chose the iso-surface rendering, its iso threshold."""
+        map_layer = self.anomaly_map.value
+        if map_layer is None or id(map_layer) not in self._saved_3d:
+            return
+        threshold = self.current_threshold
+        if map_layer.rendering == "iso":
+            map_layer.iso_threshold = threshold
+        else:
+            map_layer.contrast_limits = (threshold, threshold + LIVE_3D_WINDOW)
+
     def _show_threshold(self, threshold: float) -> None:
         """The coalesced 2D step: the viewed slice now, the whole volume once the threshold rests."""
-        if self.in_3d:  # switched to 3D meanwhile: the iso-surface shows it
+        if self.in_3d:  # switched to 3D meanwhile: the map's live view shows it
             self._apply_settled()
             return
         if not self.preview_slice(threshold):
@@ -247,42 +269,51 @@ class ThresholdWidget(Container):
         if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape == anomaly_map.shape
                 and 0 <= index < anomaly_map.shape[axis]):
             return False
-        try:
-            gt = self._ground_truth_array()
-        except ClipAdError:
-            return False
+        gt_layer = self.ground_truth.value
+        if gt_layer is not None and tuple(gt_layer.data.shape) != anomaly_map.shape:
+            return False  # apply() reports the mismatch
         cut = (slice(None),) * axis + (index,)
+        gt = None if gt_layer is None else np.asarray(gt_layer.data[cut]) > 0  # this slice only
         threshold_mask(anomaly_map[cut], threshold, out=data[cut])
         mask.refresh(thumbnail=False, extent=False, highlight=False)
         region = self._region()
+        region = None if region is None else region[cut]
         overlay = self._linked(OVERLAY_KIND)
         if gt is not None and overlay is not None and overlay.visible and overlay.data.shape == data.shape:
-            error_overlay(data[cut], gt[cut], None if region is None else region[cut], out=overlay.data[cut])
+            error_overlay(data[cut], gt, region, out=overlay.data[cut])
             overlay.refresh(thumbnail=False, extent=False, highlight=False)
         from ..metrics import dice
 
         # A preview only: self.numbers (exported, plotted) keeps the last settled values until apply() runs.
-        shown = Numbers(threshold, slice_index=index,
-                        slice_dice=None if gt is None else dice(data[cut], gt[cut], None if region is None else region[cut]))
+        shown = Numbers(threshold, slice_index=index, slice_dice=None if gt is None else dice(data[cut], gt, region))
         self.slice_numbers.value = slice_text(shown, data.shape[axis])
         self.volume_numbers.value = f"threshold {threshold:.3f}: volume metrics follow when the slider rests..."
         return True
 
     def _on_ndisplay(self, *_: Any) -> None:
-        """In 3D show the mask as the map's iso-surface and hide the volume layers that would each cost a pass."""
+        """In 3D show the mask as a contrast-limit MIP of the map and hide the volume layers that would each cost a pass.
+
+        Measured on llvmpipe (docs/benchmarks.md): a frame of the map's MIP alone costs ~1/3 of map MIP + mask +
+        overlay and ~1/5 of the map's iso-surface. The user's rendering, contrast limits and visibilities come
+        back in 2D; a user who picks the iso-surface rendering in 3D gets its threshold moved instead.
+        """
         map_layer = self.anomaly_map.value
         if map_layer is None:
             return
         linked = [lay for lay in (self._linked(MASK_KIND), self._linked(OVERLAY_KIND)) if lay is not None]
         if self.in_3d:
             self._saved_3d = {id(lay): {"visible": lay.visible} for lay in linked}
-            self._saved_3d[id(map_layer)] = {"rendering": map_layer.rendering}
-            map_layer.rendering = "iso"
-            map_layer.iso_threshold = self.current_threshold
+            self._saved_3d[id(map_layer)] = {"rendering": map_layer.rendering,
+                                             "contrast_limits": tuple(map_layer.contrast_limits)}
+            map_layer.rendering = LIVE_3D_RENDERING
+            self._show_3d_threshold()
             for layer in linked:
                 layer.visible = False
         else:
-            map_layer.rendering = self._saved_3d.get(id(map_layer), {}).get("rendering", map_layer.rendering)
+            saved = self._saved_3d.get(id(map_layer), {})
+            map_layer.rendering = saved.get("rendering", map_layer.rendering)
+            if "contrast_limits" in saved:
+                map_layer.contrast_limits = saved["contrast_limits"]
             for layer in linked:
                 layer.visible = self._saved_3d.get(id(layer), {}).get("visible", layer.visible)
             self._saved_3d = {}
