@@ -100,7 +100,9 @@ class CrossSubjectSettings:
 
 
 DEFAULT_SETTINGS = CrossSubjectSettings()
-"""Documented defaults (docs/benchmarks.md, "Real features"): +-5 % level window, k = 16, no depth pooling."""
+"""Documented defaults (docs/benchmarks.md, "Real features" and its window sweep in "Training-free methods:
+speed, memory, bf16, level window"): +-5 % level window, k = 16 (flat from +-2.5 % to +-20 %), no depth pooling,
+float32 features."""
 
 
 def method_defaults(name: str, n_blocks: int) -> dict[str, Any]:
