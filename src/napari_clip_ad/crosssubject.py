@@ -22,6 +22,10 @@ subject's tapped features are computed once and cached on disk (safetensors, key
 blocks, image size, modality, case id and a hash of the volume's content), so scoring N cases against each
 other costs N backbone passes. The map is resized to the slice grid, smoothed with the method's official
 sigma (the engine's order for the method), scaled to [0, 1] and set to 0 outside the brain.
+
+Memory: the pool's features are held once (one tensor, float32 or, with ``feature_dtype="bfloat16"``, half of
+that); the kNN / MSM similarities are chunked (:mod:`napari_clip_ad.methods.knn`, at most 2**26 at once).
+Speed and peak memory vs pool size: docs/benchmarks.md.
 """
 
 from __future__ import annotations
