@@ -9,7 +9,7 @@ Gaussian sigma 1, hyper-intense side) stands beside them. Metrics on brain voxel
 Dice (each volume at its own best threshold, mean), seconds per volume (backbone passes of the pool are
 cached and counted once per case).
 
-Usage: python benchmarks/real_features.py [--step 3] [--configs NAME ...] [--sweep window] [--out results.json]
+Usage: python benchmarks/real_features.py [--step 3] [--configs NAME ...] [--sweep window|bf16] [--out results.json]
 """
 
 from __future__ import annotations
@@ -64,7 +64,13 @@ WINDOW_SWEEP: dict[str, tuple[str, dict, dict]] = {
     **{f"anomalydino b6 k16 window +-{w:g}": ("anomalydino", {"layers": [6]}, {"window": w}) for w in WINDOWS},
     **{f"anomalydino b6 k=all window +-{w:g}": ("anomalydino", {"layers": [6]}, {"k": None, "window": w}) for w in WINDOWS},
 }
-SWEEPS = {"window": WINDOW_SWEEP}
+BF16: dict[str, tuple[str, dict, dict]] = {
+    # features held in bfloat16 (CrossSubjectSettings.feature_dtype); compared with the float32 twin run before
+    "anomalydino b6 k16 bf16 features": ("anomalydino", {"layers": [6]}, {"feature_dtype": "bfloat16"}),
+    "musc b8 k16 bf16 features": ("musc", {"layers": [8]}, {"feature_dtype": "bfloat16"}),
+}
+BF16_TWINS = {"anomalydino b6 k16 bf16 features": "anomalydino b6 k16 +-5% (default)", "musc b8 k16 bf16 features": "musc b8 k16"}
+SWEEPS = {"window": WINDOW_SWEEP, "bf16": {**{t: CONFIGS[t] for t in BF16_TWINS.values()}, **BF16}}
 
 
 def zscore_map(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
@@ -141,7 +147,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    known = {**CONFIGS, **WINDOW_SWEEP}
+    known = {**CONFIGS, **WINDOW_SWEEP, **BF16}
     names = list(SWEEPS[args.sweep]) if args.sweep else (args.configs if args.configs is not None else list(CONFIGS))
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -152,7 +158,7 @@ def main() -> None:
     cases = [load_case(SHARED / c) for c in CASES]
     gts = [c.whole_tumour[:: args.step] for c in cases]
     brains = [c.brain_mask[:: args.step] for c in cases]
-    rows = {}
+    rows, kept_maps = {}, {}
     t0 = time.perf_counter()
     z_maps = [zscore_map(c.image("t2f")[:: args.step], b) for c, b in zip(cases, brains)]
     rows["FLAIR robust z-score (no model)"] = evaluate(z_maps, gts, brains, [(time.perf_counter() - t0) / len(cases)] * len(cases))
@@ -170,6 +176,11 @@ def main() -> None:
             seconds.append(time.perf_counter() - start)
             maps.append(result.anomaly_map)
         rows[name] = evaluate(maps, gts, brains, seconds)
+        kept_maps[name] = maps
+        twin = BF16_TWINS.get(name)
+        if twin in kept_maps:  # the largest and mean |map difference| against the float32 twin
+            diff = np.concatenate([np.abs(a - b)[g] for a, b, g in zip(maps, kept_maps[twin], brains)])
+            rows[name]["max_map_diff_vs_fp32"], rows[name]["mean_map_diff_vs_fp32"] = float(diff.max()), float(diff.mean())
         print(json.dumps({name: rows[name]}), flush=True)
     if args.out:
         args.out.write_text(json.dumps({"features": FEATURES_NAME, "step": args.step, "rows": rows}, indent=1))

@@ -101,3 +101,30 @@ def test_musc_cross_subject_runs(tmp_path):
     method = build_method("musc", backbone="tiny-dinov2", image_size=112, device="cpu", layers=[6])
     result = score_volume(method, _subject("t", 0), [_subject("a", 1), _subject("b", 2)], CrossSubjectSettings(k=4))
     assert result.anomaly_map.max() <= 1 and np.isfinite(result.scores).all()
+
+
+def test_musc_kept_aggregates_equal_aggregating_the_chosen_set():
+    """The pool slices' LNAMD kept across target slices equals LNAMD of each chosen set, bitwise."""
+    from napari_clip_ad.methods.musc import lnamd
+
+    method = build_method("musc", backbone="tiny-dinov2", image_size=112, device="cpu")
+    tokens = torch.randn(9, len(method.layers), 64, 16)
+    kept = cs._AggregatedPool(method, tokens)
+    for chosen in ([0, 1, 2, 3], [2, 3, 4, 5], [5, 6, 8], [0, 8]):  # overlapping, then disjoint sets
+        got = kept(np.array(chosen))
+        for n, r in enumerate(method.r_list):
+            assert torch.equal(got[n], lnamd(tokens[chosen], r))
+        assert sorted(kept.kept) == chosen  # only the chosen slices' aggregates are held
+
+
+@pytest.mark.parametrize("name", ["anomalydino", "musc"])
+def test_bfloat16_features_stay_close_and_bad_dtype_is_refused(name):
+    m = build_method(name, backbone="tiny-dinov2", image_size=112, device="cpu", layers=[6])
+    target, pool = _subject("t", 0, blob=True), [_subject("a", 1), _subject("b", 2)]
+    full = score_volume(m, target, pool, CrossSubjectSettings(k=4, sigma=0))
+    half = score_volume(m, target, pool, CrossSubjectSettings(k=4, sigma=0, feature_dtype="bfloat16"))
+    assert full.info["settings"]["feature_dtype"] == "float32" and half.info["settings"]["feature_dtype"] == "bfloat16"
+    assert not np.array_equal(full.anomaly_map, half.anomaly_map)  # the storage really changed
+    assert np.abs(full.anomaly_map - half.anomaly_map).max() < 0.05  # bf16 keeps ~3 significant digits
+    with pytest.raises(InputError, match="feature_dtype"):
+        score_volume(m, target, pool, CrossSubjectSettings(feature_dtype="float16"))

@@ -22,6 +22,10 @@ subject's tapped features are computed once and cached on disk (safetensors, key
 blocks, image size, modality, case id and a hash of the volume's content), so scoring N cases against each
 other costs N backbone passes. The map is resized to the slice grid, smoothed with the method's official
 sigma (the engine's order for the method), scaled to [0, 1] and set to 0 outside the brain.
+
+Memory: the pool's features are held once (one tensor, float32 or, with ``feature_dtype="bfloat16"``, half of
+that); the kNN / MSM similarities are chunked (:mod:`napari_clip_ad.methods.knn`, at most 2**26 at once).
+Speed and peak memory vs pool size: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -85,6 +89,9 @@ class CrossSubjectSettings:
         exclude_lesion: What of a pool subject's lesion (where it has a segmentation) is kept out of the
             references: "patches" (the patches touching it; default: measured better than whole slices, which
             thin the level window), "slices" (every slice containing it), or "none".
+        feature_dtype: How the pool's and the target's features are held in memory: "float32" (default) or
+            "bfloat16" (half the memory of a large pool; distances are still computed in float32, chunk by
+            chunk; measured map differences in docs/benchmarks.md, "Cross-subject scoring speed").
     """
 
     window: float = 0.05
@@ -93,10 +100,13 @@ class CrossSubjectSettings:
     depth_pool: int = 1
     sigma: float | None = None
     exclude_lesion: str = "patches"
+    feature_dtype: str = "float32"
 
 
 DEFAULT_SETTINGS = CrossSubjectSettings()
-"""Documented defaults (docs/benchmarks.md, "Real features"): +-5 % level window, k = 16, no depth pooling."""
+"""Documented defaults (docs/benchmarks.md, "Real features" and its window sweep in "Training-free methods:
+speed, memory, bf16, level window"): +-5 % level window, k = 16 (flat from +-2.5 % to +-20 %), no depth pooling,
+float32 features."""
 
 
 def method_defaults(name: str, n_blocks: int) -> dict[str, Any]:
@@ -212,28 +222,60 @@ class _Pool:
     brain: torch.Tensor  # (P, N) bool
 
 
+def _usable_slices(subject: Subject, settings: CrossSubjectSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(brain slice indices, which of them are kept as references, the lesion mask used for patches or None)."""
+    index = np.flatnonzero(subject.brain.reshape(subject.brain.shape[0], -1).any(axis=1))
+    keep = np.ones(len(index), dtype=bool)
+    lesion = subject.lesion if settings.exclude_lesion != "none" else None
+    if lesion is not None and settings.exclude_lesion == "slices":
+        keep = ~lesion[index].reshape(len(index), -1).any(axis=1)
+    return index, keep, lesion
+
+
+def _feature_dtype(settings: CrossSubjectSettings) -> torch.dtype:
+    if settings.feature_dtype not in ("float32", "bfloat16"):
+        raise InputError(f"feature_dtype={settings.feature_dtype!r}: use 'float32' or 'bfloat16'")
+    return torch.bfloat16 if settings.feature_dtype == "bfloat16" else torch.float32
+
+
 def _build_pool(method: AnomalyMethod, pool: Sequence[Subject], settings: CrossSubjectSettings, cache_dir: Path | None, grid: int) -> _Pool:
-    levels, owner, tokens, brains = [], [], [], []
-    for n, subject in enumerate(pool):
-        index, feats = subject_features(method, subject, cache_dir)
-        feats = depth_pooled(feats, index, settings.depth_pool)
-        if settings.exclude_lesion not in ("patches", "slices", "none"):
-            raise InputError(f"exclude_lesion={settings.exclude_lesion!r}: use 'patches', 'slices' or 'none'")
-        keep = np.ones(len(index), dtype=bool)
-        lesion = subject.lesion if settings.exclude_lesion != "none" else None
-        if lesion is not None and settings.exclude_lesion == "slices":
-            keep = ~lesion[index].reshape(len(index), -1).any(axis=1)
-        index, feats = index[keep], feats[torch.from_numpy(keep)]
+    """The pool's usable slices, features held once: one (P, L, N, C) tensor filled subject by subject.
+
+    Memory: the pool's features in ``feature_dtype`` plus one subject's float32 features at a time (no
+    concatenated copy). For anomalydino each subject's tokens are L2-normalised here (row-wise, so equal to
+    normalising the whole pool at once).
+    """
+    if settings.exclude_lesion not in ("patches", "slices", "none"):
+        raise InputError(f"exclude_lesion={settings.exclude_lesion!r}: use 'patches', 'slices' or 'none'")
+    dtype = _feature_dtype(settings)
+    usable = [_usable_slices(subject, settings) for subject in pool]
+    total = int(sum(keep.sum() for _, keep, _ in usable))
+    if total == 0:
+        raise InputError("the reference pool has no usable slice (no brain, or a lesion in every slice)")
+    levels, owner, brains = [], [], []
+    tokens: torch.Tensor | None = None
+    row = 0
+    for n, (subject, (index, keep, lesion)) in enumerate(zip(pool, usable)):
+        if not keep.any():
+            continue
+        found, feats = subject_features(method, subject, cache_dir)
+        assert np.array_equal(found, index)  # same brain slices as _usable_slices
+        feats = depth_pooled(feats, index, settings.depth_pool)[torch.from_numpy(keep)]
+        if method.name == "anomalydino":  # faiss.normalize_L2 of the bank, once
+            feats = F.normalize(feats, dim=-1)
+        if tokens is None:
+            tokens = torch.empty((total, *feats.shape[1:]), dtype=dtype)
+        tokens[row : row + len(feats)] = feats
+        row += len(feats)
+        del feats
+        index = index[keep]
         levels.append(relative_levels(subject.brain)[index])
         owner.append(np.full(len(index), n))
-        tokens.append(feats)
-        usable = _patch_brain(subject.brain[index], grid)
+        brain = _patch_brain(subject.brain[index], grid)
         if lesion is not None and settings.exclude_lesion == "patches":
-            usable &= ~_patch_brain(lesion[index], grid)
-        brains.append(usable)
-    if not tokens or sum(len(t) for t in tokens) == 0:
-        raise InputError("the reference pool has no usable slice (no brain, or a lesion in every slice)")
-    return _Pool([s.case_id for s in pool], np.concatenate(levels), np.concatenate(owner), torch.cat(tokens), torch.cat(brains))
+            brain &= ~_patch_brain(lesion[index], grid)
+        brains.append(brain)
+    return _Pool([s.case_id for s in pool], np.concatenate(levels), np.concatenate(owner), tokens, torch.cat(brains))
 
 
 def choose_references(level: float, pool_levels: np.ndarray, settings: CrossSubjectSettings, seed: int) -> np.ndarray:
@@ -252,8 +294,38 @@ def choose_references(level: float, pool_levels: np.ndarray, settings: CrossSubj
     return np.sort(np.random.default_rng(seed).choice(everything, settings.k, replace=False))
 
 
-def _slice_distances(method: AnomalyMethod, query: torch.Tensor, q_brain: torch.Tensor, refs: torch.Tensor, r_brain: torch.Tensor) -> torch.Tensor:
-    """(N,) patch scores of one slice's (L, N, C) tokens against (K, L, N, C) reference tokens."""
+class _AggregatedPool:
+    """MuSc's LNAMD of the pool slices in use, kept while they stay among the chosen references.
+
+    A target's slices are scored in level order, so consecutive slices share most of their references:
+    each pool slice is aggregated once while it stays in the window instead of once per target slice.
+    LNAMD is per image (LayerNorm over one image's map, r x r mean, per-patch L2), so the values are those
+    of aggregating the chosen set together. Memory: the chosen slices' aggregates only.
+    """
+
+    def __init__(self, method: AnomalyMethod, tokens: torch.Tensor) -> None:
+        self.method, self.tokens, self.kept = method, tokens, {}
+
+    def __call__(self, chosen: np.ndarray) -> list[torch.Tensor]:
+        """Per r of ``method.r_list``: the (K, L, N, C) aggregates of pool slices ``chosen`` (in that order)."""
+        from .methods.musc import lnamd
+
+        missing = [int(i) for i in chosen if int(i) not in self.kept]
+        if missing:
+            raw = self.tokens[torch.as_tensor(missing)].to(self.method.device)
+            fresh = [lnamd(raw, r) for r in self.method.r_list]
+            for j, i in enumerate(missing):
+                self.kept[i] = [z[j] for z in fresh]
+        self.kept = {int(i): self.kept[int(i)] for i in chosen}
+        return [torch.stack([self.kept[int(i)][n] for i in chosen]) for n in range(len(self.method.r_list))]
+
+
+def _slice_distances(method: AnomalyMethod, query: torch.Tensor, q_brain: torch.Tensor, refs: torch.Tensor | None, r_brain: torch.Tensor,
+                     aggregated: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """(N,) patch scores of one slice's (L, N, C) tokens against (K, L, N, C) reference tokens.
+
+    ``aggregated`` (musc): the references' LNAMD per r, when already computed (:class:`_AggregatedPool`).
+    """
     from .methods.knn import nearest_sq_l2
 
     device = method.device
@@ -267,11 +339,11 @@ def _slice_distances(method: AnomalyMethod, query: torch.Tensor, q_brain: torch.
     from .methods.knn import per_image_nearest_l2
     from .methods.musc import TOPMIN_MAX, lnamd
 
-    k = max(1, int(refs.shape[0] * TOPMIN_MAX))
+    k = max(1, int(r_brain.shape[0] * TOPMIN_MAX))
     per_r = []
-    for r in method.r_list:
+    for n, r in enumerate(method.r_list):
         zq = lnamd(query[None].to(device), r)[0]
-        zr = lnamd(refs.to(device), r)
+        zr = lnamd(refs.to(device), r) if aggregated is None else aggregated[n]
         per_layer = [
             per_image_nearest_l2(zq[layer], zr[:, layer], valid=r_brain.to(device)).topk(k, dim=1, largest=False).values.mean(1)
             for layer in range(zq.shape[0])
@@ -319,8 +391,9 @@ def score_volume(
     ref = _build_pool(method, pool, settings, cache, grid)
     index, tokens = subject_features(method, target, cache)
     tokens = depth_pooled(tokens, index, settings.depth_pool)
-    if method.name == "anomalydino":  # faiss.normalize_L2 of bank and queries, once
-        tokens, ref.tokens = F.normalize(tokens, dim=-1), F.normalize(ref.tokens, dim=-1)
+    if method.name == "anomalydino":  # faiss.normalize_L2 of the queries (the bank's: in _build_pool)
+        tokens = F.normalize(tokens, dim=-1)
+    tokens = tokens.to(_feature_dtype(settings))
     levels = relative_levels(target.brain)
     q_brain = _patch_brain(target.brain[index], grid)
     n_slices, out_hw = target.volume.shape[0], target.volume.shape[1:]
@@ -331,11 +404,14 @@ def score_volume(
     from .methods.anomalydino import mean_top1p
 
     distances = []
+    pool_lnamd = _AggregatedPool(method, ref.tokens) if method.name == "musc" else None
     with torch.no_grad():
         for i, z in enumerate(index):
             chosen = torch.from_numpy(choose_references(float(levels[z]), ref.levels, settings, seed=int(z)))
             used.append(len(chosen))
-            distances.append(_slice_distances(method, tokens[i], q_brain[i], ref.tokens[chosen], ref.brain[chosen]).float())
+            aggregated = None if pool_lnamd is None else pool_lnamd(chosen.numpy())
+            refs = ref.tokens[chosen] if aggregated is None else None  # musc reads the kept aggregates
+            distances.append(_slice_distances(method, tokens[i], q_brain[i], refs, ref.brain[chosen], aggregated).float())
             if progress:
                 progress(i + 1, len(index))
         if distances:
