@@ -52,7 +52,8 @@ def _executor(folder: Path, slurm: SlurmOptions, name: str, gpus: bool = True, d
                          "or --emit-sbatch DIR")
     executor = submitit.SlurmExecutor(folder=str(folder / "%j"), python=sys.executable)
     # One log per task (stdout and stderr): the one path --status and the failure lines point at.
-    params: dict[str, Any] = {"job_name": name, "stderr_to_stdout": True, "partition": slurm.partition, "account": slurm.account, "qos": slurm.qos,
+    params: dict[str, Any] = {"job_name": name, "stderr_to_stdout": True, "partition": slurm.partition,
+                              "account": slurm.account, "qos": slurm.qos,
                               "additional_parameters": dict(slurm.extra) if gpus else {}}
     minutes = time_minutes(slurm.time)
     if minutes:
