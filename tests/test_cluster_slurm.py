@@ -69,6 +69,18 @@ def _squeue(job: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T|%r"], check=False, capture_output=True, text=True).stdout.strip()
 
 
+def _release_requeued(job: str) -> None:
+    """Once Slurm holds the requeued task (BeginTime, ~120 s), let it start now instead.
+
+    Not in the same second as the requeue's kill: slurmd revokes the job's credential with 1-second resolution
+    and refuses a relaunch whose credential dates from that second ("Job N already killed, do not launch batch
+    job"; seen here once, the task then FAILED). Slurm's own hold exists for this; 3 s is enough on one node.
+    """
+    _wait_for(lambda: _squeue(job) == "PENDING|BeginTime", f"requeued task {job} held by Slurm")
+    time.sleep(3)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+
+
 def _status(out: Path, capsys) -> dict[str, list[str]]:
     """``study --status OUT`` as {cell: [state, log, slurm state]} (log and Slurm state unless finished)."""
     capsys.readouterr()
@@ -107,8 +119,7 @@ def test_emitted_array_on_slurm_gives_the_local_report(cohort, local_table, tmp_
     requeued = scripts / "logs" / f"cell_{array}_2.out"
     _wait_for(lambda: requeued.is_file() and "anovl/industrial: running" in requeued.read_text(), "anovl-industrial at work")
     subprocess.run(["scancel", "--batch", "--signal=USR1", f"{array}_2"], check=True)
-    _wait_for(lambda: _squeue(f"{array}_2") == "PENDING|BeginTime", "the requeued task held by Slurm")
-    subprocess.run(["scontrol", "update", f"jobid={array}_2", "StartTime=now"], check=True)
+    _release_requeued(f"{array}_2")
     _wait_gone([array, report])
     text = requeued.read_text()
     assert text.count("cell anovl-industrial: array task") == 2 and "time limit near: requeueing anovl-industrial" in text
@@ -155,8 +166,7 @@ def test_executor_slurm_scancelled_cell_fails_requeued_cell_resumes_rerun_resubm
     _wait_for(lambda: Path(requeued["log"]).is_file() and "anovl/industrial: running" in Path(requeued["log"]).read_text(),
               "anovl-industrial at work")
     subprocess.run(["scancel", "--signal=USR2", requeued["job"]], check=True)
-    _wait_for(lambda: _squeue(requeued["job"]) == "PENDING|BeginTime", "the requeued task held by Slurm")
-    subprocess.run(["scontrol", "update", f"jobid={requeued['job']}", "StartTime=now"], check=True)
+    _release_requeued(requeued["job"])
     _wait_gone([array, record["report"]])
 
     lines = _status(out, capsys)
