@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import io
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def test_emit_sbatch_writes_an_array_whose_task_runs_its_cell(cohort, tmp_path, 
     cells = (scripts / "cells.sbatch").read_text()
     for line in ("#SBATCH --array=0-2%2", "#SBATCH --partition=gpu", "#SBATCH --time=0-02:00:00", "#SBATCH --mem=16G",
                  "#SBATCH --gpus-per-task=1", "#SBATCH --account=lab", "#SBATCH --qos=normal", "#SBATCH --constraint=a100",
-                 "#SBATCH --requeue", "CELLS=(intensity-baseline vand-industrial anovl-industrial)",
+                 "#SBATCH --requeue", "#SBATCH --open-mode=append", "CELLS=(intensity-baseline vand-industrial anovl-industrial)",
                  f"#SBATCH --output={scripts}/logs/cell_%A_%a.out"):
         assert line in cells.splitlines(), line
     report = (scripts / "report.sbatch").read_text()
@@ -131,6 +132,11 @@ def test_emit_sbatch_writes_an_array_whose_task_runs_its_cell(cohort, tmp_path, 
     assert "cell vand-industrial: array task 77_1" in done.stdout
     assert sorted(p.name for p in (out / "cells").iterdir()) == ["vand-industrial"]
     assert (out / "cells" / "vand-industrial" / "done.json").is_file()
+    assert (scripts / "cells.txt").read_text().split() == ["intensity-baseline", "vand-industrial", "anovl-industrial"]
+    # The task recorded its array for 'study --status' (task i: line i of cells.txt, its own log).
+    record = json.loads((out / "slurm" / "jobs.json").read_text())["submissions"]
+    assert len(record) == 1 and record[0]["array"] == "77" and record[0]["cells"]["vand-industrial"] == \
+        {"job": "77_1", "log": str(scripts / "logs" / "cell_77_1.out")}
 
 
 def test_bad_slurm_arg_is_one_line(cohort, tmp_path, capsys):

@@ -75,8 +75,10 @@ def write_sbatch(folder: Path, cell_ids: Sequence[str], study_line: Sequence[str
     record = [python, "-m", "napari_clip_ad.cluster.state", "record", "--out", str(Path(out).resolve()), "--scripts", str(folder)]
     write_text(folder / "cells.txt", "".join(f"{cell}\n" for cell in cell_ids))
     array = f"--array=0-{len(cell_ids) - 1}" + (f"%{slurm.array_limit}" if slurm.array_limit else "")
+    # --open-mode=append: a requeued task adds to its log (Slurm would truncate it, losing the first run's lines).
     cells = _header("clip-ad-cells", f"{logs}/cell_%A_%a.out", [array, *slurm.directives(), "--requeue",
-                                                                   f"--signal=B:USR1@{REQUEUE_SIGNAL_SECONDS}"])
+                                                                   f"--signal=B:USR1@{REQUEUE_SIGNAL_SECONDS}",
+                                                                   "--open-mode=append"])
     cells += [
         "# One study cell per array task (IDs as 'study --list-cells' prints them); finished cells are skipped.",
         "set -euo pipefail",

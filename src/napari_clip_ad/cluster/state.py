@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json
+from ..errors import InputError
 
 RUNNING = ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESIZING")
 """Slurm states (squeue) of a task that holds its allocation; every other queued state counts as pending."""
@@ -99,9 +101,15 @@ def slurm_states(job_ids: Sequence[str]) -> tuple[dict[str, str], dict[str, str]
     arrays = sorted({job.split("_")[0] for job in job_ids})
     if not arrays:
         return {}, {}
+    if shutil.which("squeue") is None:
+        raise InputError("no 'squeue' on PATH: run 'study --status' where Slurm's commands work (a login node)")
     listed = _run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(arrays)])
     if listed.returncode != 0:  # one id Slurm forgot makes squeue refuse the whole list: ask one by one
-        listed.stdout = "".join(_run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", a]).stdout for a in arrays)
+        answers = [_run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", a]) for a in arrays]
+        broken = [a for a in answers if a.returncode != 0 and "Invalid job id" not in a.stderr]
+        if broken:  # not a forgotten job: Slurm did not answer, so no state can be told
+            raise InputError(f"squeue failed, so the cells' states are unknown: {broken[0].stderr.strip()[:300]}")
+        listed.stdout = "".join(a.stdout for a in answers)
     queued = {job: state for job, state in _parse(listed.stdout).items() if job in job_ids}
     ended: dict[str, str] = {}
     rest = [job for job in job_ids if job not in queued]
@@ -122,12 +130,13 @@ def cell_states(out: Path, ids: Sequence[str]) -> dict[str, tuple[str, str, str]
     for record in read_jobs(out).get("submissions", []):
         for cell, info in record["cells"].items():
             latest[cell] = info
-    queued, ended = slurm_states([latest[cell]["job"] for cell in ids if cell in latest])
+    done = {cell for cell in ids if (Path(out) / "cells" / cell / "done.json").is_file()}
+    queued, ended = slurm_states([latest[cell]["job"] for cell in ids if cell in latest and cell not in done])
     states = {}
     for cell in ids:
         info = latest.get(cell)
         log = info["log"] if info else ""
-        if (Path(out) / "cells" / cell / "done.json").is_file():
+        if cell in done:
             states[cell] = ("finished", log, "")
         elif info is None:
             states[cell] = ("not submitted", "", "")

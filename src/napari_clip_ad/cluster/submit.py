@@ -52,7 +52,8 @@ def _executor(folder: Path, slurm: SlurmOptions, name: str, gpus: bool = True, d
                          "or --emit-sbatch DIR")
     executor = submitit.SlurmExecutor(folder=str(folder / "%j"), python=sys.executable)
     # One log per task (stdout and stderr): the one path --status and the failure lines point at.
-    params: dict[str, Any] = {"job_name": name, "stderr_to_stdout": True, "partition": slurm.partition, "account": slurm.account, "qos": slurm.qos,
+    params: dict[str, Any] = {"job_name": name, "stderr_to_stdout": True, "partition": slurm.partition,
+                              "account": slurm.account, "qos": slurm.qos,
                               "additional_parameters": dict(slurm.extra) if gpus else {}}
     minutes = time_minutes(slurm.time)
     if minutes:
@@ -113,14 +114,20 @@ def submit_cells(out: Path, ids: Sequence[str], study_line: Sequence[str], slurm
 
 
 def wait_and_report(out: Path, ids: Sequence[str], log: Callable[[str], None]) -> list[str]:
-    """Attached: a bar of finished cells while the array runs (submitit watches Slurm); returns failed lines."""
+    """Attached: a bar of finished / running / pending / failed cells (folder + squeue) until every task ended;
+    returns the failed lines. A moment when Slurm does not answer is waited out (the tasks run on regardless)."""
     import time
 
     from tqdm import tqdm
 
     with tqdm(total=len(ids), desc="cells", unit="cell", file=sys.stderr) as bar:
         while True:
-            states = cell_states(out, ids)
+            try:
+                states = cell_states(out, ids)
+            except InputError as exc:
+                bar.set_postfix_str(f"Slurm did not answer ({exc}); asking again")
+                time.sleep(10)
+                continue
             bar.n = sum(state[0] == "finished" for state in states.values())
             bar.set_postfix_str(summarize(states))
             if all(state[0] in ("finished", "failed") for state in states.values()):
