@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone, embed_patches, grid_for, resize_positional_embedding
+from ..backbones.hf_text import encode_hf_text, hf_text_depth, hf_text_width, is_hf_text
 from ..errors import InputError, WeightsError
 from .adaclip_prompts import run_block
 from .base import AnomalyMethod, AnomalyOutput
@@ -180,8 +181,9 @@ class AAClip(AnomalyMethod):
         super().__init__(backbone, image_size=image_size, **options)
         clip = self.clip
         visual = clip.visual
-        needed = (getattr(visual, "proj", None) is not None and hasattr(visual, "conv1") and hasattr(clip, "token_embedding")
-                  and hasattr(getattr(clip, "transformer", None), "resblocks"))
+        hf_text = is_hf_text(clip)  # BiomedCLIP's BERT: adapters leave each encoder layer (backbones/hf_text.py)
+        needed = (getattr(visual, "proj", None) is not None and hasattr(visual, "conv1")
+                  and (hf_text or (hasattr(clip, "token_embedding") and hasattr(getattr(clip, "transformer", None), "resblocks"))))
         if not needed:
             raise WeightsError(f"backbone {backbone.name!r} is not an open_clip CLIP ViT with a projected image feature and "
                                "a built-in text transformer; AA-CLIP needs one such as openai-vit-l-14-336")
@@ -198,7 +200,8 @@ class AAClip(AnomalyMethod):
             raise InputError(f"aaclip option layers={layers} repeats a block; give each tapped block once")
         self.layers = sorted(layers)  # adapter.py appends tokens in block order: seg_proj[i] is the i-th tapped block
         self.config["layers"] = list(self.layers)
-        n_visual, n_text = len(visual.transformer.resblocks), len(clip.transformer.resblocks)
+        n_visual = len(visual.transformer.resblocks)
+        n_text = hf_text_depth(clip) if hf_text else len(clip.transformer.resblocks)
         self.image_adapt_until = self._depth("image_adapt_until", 6, 24, n_visual)
         self.text_adapt_until = self._depth("text_adapt_until", 3, 12, n_text)
         self.surgery_blocks = self._depth("surgery_blocks", 19, 24, n_visual)  # train.py: DAPM_replace(20): blocks -1..-19
@@ -209,7 +212,7 @@ class AAClip(AnomalyMethod):
         if not isinstance(self.config["relu"], bool):
             raise InputError(f"aaclip option relu={self.config['relu']!r} must be true or false (official: false)")
         width, embed_dim = (int(n) for n in visual.proj.shape)
-        text_width = int(clip.token_embedding.weight.shape[1])
+        text_width = hf_text_width(clip) if hf_text else int(clip.token_embedding.weight.shape[1])
         relu = self.config["relu"]
         # adapter.py: nn.ModuleDict {"layer_adapters", "seg_proj", "det_proj"} and ModuleList text adapters + proj,
         # xavier_uniform_ on every weight (_init_weights_).
@@ -263,6 +266,14 @@ class AAClip(AnomalyMethod):
         cut after the last end token (same result, less work).
         """
         clip = self.clip
+        if is_hf_text(clip):
+            # BERT: each adapter mixes into a layer's output ([CLS] pooled, no ln_final: BERT's layers end normalised).
+            until, weight = self.text_adapt_until, float(self.config["text_adapt_weight"])
+
+            def adapt(index: int, x: torch.Tensor) -> torch.Tensor:
+                return norm_matched_mix(x, self.text_adapter[index](x), weight) if index < until else x
+
+            return self.text_adapter[-1](encode_hf_text(clip, tokens, layer_output=adapt, project=False))
         transformer = clip.transformer
         batch_first = getattr(transformer, "batch_first", True)
         eot = tokens.argmax(dim=-1)
