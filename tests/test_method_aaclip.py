@@ -6,7 +6,6 @@ import collections
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -22,6 +21,7 @@ from napari_clip_ad.methods.aaclip_stages import batch_mixing_vv_block, surgery_
 from napari_clip_ad.methods.checkpoints import save_method_weights
 from napari_clip_ad.train import resolve_config, run_training
 from napari_clip_ad.train.losses import aaclip_loss, dice_loss, focal_loss
+from real_cohort import write_cropped_cohort
 
 SIZE = 112
 GRID = SIZE // 14
@@ -170,20 +170,8 @@ def test_image_adapter_without_its_text_adapter_refused(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def cohort(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four small real cases (every 20th brain slice, 2 offsets, of the two BraTS 2023 cases), 160 x 160 crops."""
-    root = tmp_path_factory.mktemp("aaclip_cohort")
-    for number, source in enumerate(("BraTS-GLI-00002-000", "BraTS-GLI-00012-000")):
-        folder = shared_data / "brats2023" / source
-        loaded = {kind: nib.load(folder / f"{source}-{kind}.nii.gz") for kind in ("t2f", "seg")}
-        t2f = np.asarray(loaded["t2f"].dataobj)
-        brain = np.flatnonzero(t2f.reshape(-1, t2f.shape[2]).any(axis=0))
-        for offset in range(2):
-            case_id = f"BraTS-GLI-{9200 + 10 * number + offset:05d}-000"
-            z = np.arange(brain[0] + 7 * offset, brain[-1], 20)
-            (root / case_id).mkdir()
-            for kind, image in loaded.items():
-                data = np.asarray(image.dataobj)[40:200, 30:190][:, :, z]
-                nib.save(nib.Nifti1Image(data, image.affine), root / case_id / f"{case_id}-{kind}.nii.gz")
-    return root
+    return write_cropped_cohort(shared_data, tmp_path_factory.mktemp("aaclip_cohort"), offsets=2, step=20, shift=7,
+                                first_id=9200)
 
 
 def tiny_config(**changes: object):

@@ -6,7 +6,6 @@ import collections
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -23,6 +22,7 @@ from napari_clip_ad.methods.released import RELEASED
 from napari_clip_ad.train import Trainer, build_trainable, resolve_config, run_training
 from napari_clip_ad.train.data import load_slices
 from napari_clip_ad.train.losses import dice_loss, focal_loss, method_loss
+from real_cohort import write_cropped_cohort
 
 SIZE = 240
 GRID = 17
@@ -280,20 +280,8 @@ IMAGE_SIZE = 112
 @pytest.fixture(scope="module")
 def cohort(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six small real cases (every 16th brain slice, 3 offsets, of the two BraTS 2023 cases), 160 x 160 crops."""
-    root = tmp_path_factory.mktemp("mvfa_cohort")
-    for number, source in enumerate(("BraTS-GLI-00002-000", "BraTS-GLI-00012-000")):
-        folder = shared_data / "brats2023" / source
-        loaded = {kind: nib.load(folder / f"{source}-{kind}.nii.gz") for kind in ("t2f", "seg")}
-        t2f = np.asarray(loaded["t2f"].dataobj)
-        brain = np.flatnonzero(t2f.reshape(-1, t2f.shape[2]).any(axis=0))
-        for offset in range(3):
-            case_id = f"BraTS-GLI-{9100 + 10 * number + offset:05d}-000"
-            z = np.arange(brain[0] + 5 * offset, brain[-1], 16)
-            (root / case_id).mkdir()
-            for kind, image in loaded.items():
-                data = np.asarray(image.dataobj)[40:200, 30:190][:, :, z]
-                nib.save(nib.Nifti1Image(data, image.affine), root / case_id / f"{case_id}-{kind}.nii.gz")
-    return root
+    return write_cropped_cohort(shared_data, tmp_path_factory.mktemp("mvfa_cohort"), offsets=3, step=16, shift=5,
+                                first_id=9100)
 
 
 def tiny_config(**changes: object):
